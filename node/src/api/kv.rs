@@ -1,0 +1,180 @@
+//! etcd's KV service: Range, Put, DeleteRange, Txn, Compact.
+//!
+//! Writes are sealed (encrypted) here and proposed to Raft; permission checks for writes happen
+//! in the state machine. Reads are served from this node's state after a read barrier
+//! (linearizable) or immediately (serializable), with permissions checked against the roles in
+//! that same state.
+
+use super::convert;
+use super::{Api, status, validate};
+use crate::model::{ApplyOutput, Command, PermType, RequestOp, TxnRequest};
+use crate::storage::mvcc::{self, Authorizer};
+use raftkv_proto::etcdserverpb as pb;
+use raftkv_proto::etcdserverpb::kv_server::Kv;
+use tonic::{Request, Response, Status};
+
+pub struct KvService {
+    api: Api,
+}
+
+impl KvService {
+    pub fn new(api: Api) -> KvService {
+        KvService { api }
+    }
+}
+
+/// Seals every put value in a transaction, on every path.
+fn seal_txn(api: &Api, t: &mut TxnRequest) -> Result<(), Status> {
+    for op in t.success.iter_mut().chain(t.failure.iter_mut()) {
+        match op {
+            RequestOp::Put(p) if !p.ignore_value => p.value = api.seal(&p.key, &p.value)?,
+            RequestOp::Txn(inner) => seal_txn(api, inner)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn all_ranges_serializable(t: &pb::TxnRequest) -> bool {
+    use pb::request_op::Request as R;
+    t.success.iter().chain(t.failure.iter()).all(|op| match &op.request {
+        Some(R::RequestRange(r)) => r.serializable,
+        Some(R::RequestTxn(inner)) => all_ranges_serializable(inner),
+        _ => true,
+    })
+}
+
+impl KvService {
+    fn opener(&self) -> impl Fn(&[u8], Vec<u8>) -> Result<Vec<u8>, Status> + '_ {
+        move |k: &[u8], v: Vec<u8>| self.api.open(k, v)
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn range(&self, req: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+        let principal = Api::principal(&req)?;
+        let raw = req.into_inner();
+        let serializable = raw.serializable;
+        let r = convert::range_in(raw)?;
+        if !serializable {
+            self.api.linearize().await?;
+        }
+        let view = self
+            .api
+            .consensus
+            .store()
+            .read_view()
+            .map_err(|e| status::from_storage(&e))?;
+        if !self
+            .api
+            .grants(&view, &principal)?
+            .permits(PermType::Read, &r.key, &r.range_end)
+        {
+            self.api.metrics.permission_denials.inc();
+            return Err(status::denied());
+        }
+        let result = view
+            .range(&r, &self.api.sealer)
+            .map_err(|e| status::from_read(&e))?;
+        drop(view);
+        let header = self.api.header(result.revision);
+        let open = self.opener();
+        Ok(Response::new(convert::range_out(result, header, r.keys_only, &open)?))
+    }
+
+    async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let principal = Api::principal(&req)?;
+        self.api.check_size(req.get_ref())?;
+        self.api.check_space()?;
+        let mut p = convert::put_in(req.into_inner())?;
+        let key = if p.ignore_value {
+            None
+        } else {
+            let key = self.api.sealing_key()?;
+            p.value = self.api.seal(&p.key, &p.value)?;
+            key
+        };
+        let (out, revision) = self.api.propose(Some(principal), key, Command::Put(p)).await?;
+        let ApplyOutput::Put(result) = out else {
+            return Err(Status::internal("unexpected put result"));
+        };
+        let open = self.opener();
+        Ok(Response::new(convert::put_out(result, self.api.header(revision), &open)?))
+    }
+
+    async fn delete_range(
+        &self,
+        req: Request<pb::DeleteRangeRequest>,
+    ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let principal = Api::principal(&req)?;
+        self.api.check_size(req.get_ref())?;
+        let d = convert::delete_in(req.into_inner())?;
+        let (out, revision) = self.api.propose(Some(principal), None, Command::Delete(d)).await?;
+        let ApplyOutput::Delete(result) = out else {
+            return Err(Status::internal("unexpected delete result"));
+        };
+        let open = self.opener();
+        Ok(Response::new(convert::delete_out(result, self.api.header(revision), &open)?))
+    }
+
+    async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let principal = Api::principal(&req)?;
+        self.api.check_size(req.get_ref())?;
+        let raw = req.into_inner();
+        let serializable = all_ranges_serializable(&raw);
+        let t = convert::txn_in(raw)?;
+        validate::check_txn(&t, self.api.limits.max_txn_ops)?;
+        let open = self.opener();
+        if mvcc::txn_is_read_only(&t) {
+            if !serializable {
+                self.api.linearize().await?;
+            }
+            let view = self
+                .api
+                .consensus
+                .store()
+                .read_view()
+                .map_err(|e| status::from_storage(&e))?;
+            let grants = self.api.grants(&view, &principal)?;
+            if !mvcc::authorize_op(&grants, &RequestOp::Txn(t.clone())) {
+                self.api.metrics.permission_denials.inc();
+                return Err(status::denied());
+            }
+            let result = view
+                .read_txn(&t, &self.api.sealer)
+                .map_err(|e| status::from_read(&e))?;
+            let revision = view.revision;
+            drop(view);
+            return Ok(Response::new(convert::txn_out(result, &t, self.api.header(revision), &open)?));
+        }
+        self.api.check_space()?;
+        let key = self.api.sealing_key()?;
+        let mut sealed = t.clone();
+        seal_txn(&self.api, &mut sealed)?;
+        let (out, revision) = self
+            .api
+            .propose(Some(principal), key, Command::Txn(sealed))
+            .await?;
+        let ApplyOutput::Txn(result) = out else {
+            return Err(Status::internal("unexpected txn result"));
+        };
+        Ok(Response::new(convert::txn_out(result, &t, self.api.header(revision), &open)?))
+    }
+
+    async fn compact(
+        &self,
+        req: Request<pb::CompactionRequest>,
+    ) -> Result<Response<pb::CompactionResponse>, Status> {
+        let principal = Api::principal(&req)?;
+        let revision = req.into_inner().revision;
+        let (_, rev) = self
+            .api
+            .propose(Some(principal), None, Command::Compact { revision })
+            .await?;
+        tracing::info!(revision, "compacted");
+        Ok(Response::new(pb::CompactionResponse {
+            header: self.api.header(rev),
+        }))
+    }
+}

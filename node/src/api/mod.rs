@@ -1,0 +1,207 @@
+//! The client port: the etcd v3 gRPC API (KV, Watch, Lease, Cluster, Maintenance, Auth) plus
+//! gRPC health, behind an edge layer that authenticates every request.
+
+pub mod auth;
+pub mod cluster;
+pub mod convert;
+pub mod edge;
+pub mod kv;
+pub mod lease;
+pub mod maintenance;
+pub mod status;
+pub mod validate;
+pub mod watch;
+
+use crate::auth::Authenticator;
+use crate::consensus::{Consensus, Proposed};
+use crate::crypto::Sealer;
+use crate::metrics::Metrics;
+use crate::model::{ApplyOutput, Command, Principal, Proposal, SealKey};
+use crate::storage::auth_state::{AuthSource, Grants};
+use raftkv_proto::etcdserverpb as pb;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tonic::{Request, Status};
+
+/// Request limits, as etcd's flags of the same meaning.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// `--max-request-bytes`: largest accepted request (default 1.5 MiB).
+    pub max_request_bytes: usize,
+    /// `--max-txn-ops`: most operations per transaction level (default 128).
+    pub max_txn_ops: usize,
+    /// `--quota-backend-bytes`: writes are refused (NOSPACE alarm) above this database size.
+    pub quota_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_bytes: 1536 * 1024,
+            max_txn_ops: 128,
+            quota_bytes: 8 << 30,
+        }
+    }
+}
+
+/// Everything the API services share. Cheap to clone.
+#[derive(Clone)]
+pub struct Api {
+    inner: Arc<ApiInner>,
+}
+
+pub struct ApiInner {
+    pub consensus: Consensus,
+    pub authn: Authenticator,
+    pub sealer: Sealer,
+    pub limits: Limits,
+    pub watches: watch::WatchHub,
+    pub leases: lease::LeaseKeeper,
+    pub metrics: Arc<Metrics>,
+    /// Set while the database is over its quota (etcd's NOSPACE alarm).
+    pub nospace: AtomicBool,
+    /// Advertised client URLs and name of this member.
+    pub client_urls: Vec<String>,
+    pub name: String,
+}
+
+impl std::ops::Deref for Api {
+    type Target = ApiInner;
+    fn deref(&self) -> &ApiInner {
+        &self.inner
+    }
+}
+
+impl Api {
+    pub fn new(inner: ApiInner) -> Api {
+        Api {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The principal the edge layer attached to this request.
+    pub fn principal<T>(req: &Request<T>) -> Result<Principal, Status> {
+        req.extensions()
+            .get::<Principal>()
+            .cloned()
+            .ok_or_else(|| status::unauthenticated(&crate::auth::jwt::TokenError::Missing))
+    }
+
+    pub fn header(&self, revision: i64) -> Option<pb::ResponseHeader> {
+        Some(pb::ResponseHeader {
+            cluster_id: self.consensus.cluster_id(),
+            member_id: self.consensus.id(),
+            revision,
+            raft_term: self.consensus.term(),
+        })
+    }
+
+    /// Waits until this node can serve a linearizable read.
+    pub async fn linearize(&self) -> Result<(), Status> {
+        self.consensus
+            .read_barrier()
+            .await
+            .map_err(|e| status::from_propose(&e))
+    }
+
+    /// What `principal` may do, per this node's current replicated roles.
+    pub fn grants(&self, view: &crate::storage::mvcc::ReadView<'_>, principal: &Principal) -> Result<Grants, Status> {
+        view.grants(Some(principal))
+            .map_err(|e| status::from_storage(&e))
+    }
+
+    /// Decrypts a stored value for a response.
+    pub fn open(&self, key: &[u8], stored: Vec<u8>) -> Result<Vec<u8>, Status> {
+        self.sealer.open(key, &stored).map_err(|e| {
+            self.metrics.crypto_errors.with_label_values(&["decrypt"]).inc();
+            status::undecryptable(key, &e)
+        })
+    }
+
+    /// The key new values are sealed with, refusing writes once it reached its usage limit.
+    pub fn sealing_key(&self) -> Result<Option<SealKey>, Status> {
+        let Some((id, fingerprint)) = self.sealer.active_key() else {
+            return Ok(None);
+        };
+        let used = crate::apply::key_usage(self.consensus.store(), id)
+            .map_err(|e| status::from_storage(&e))?;
+        if used >= self.sealer.usage_limit {
+            self.metrics.crypto_errors.with_label_values(&["key_exhausted"]).inc();
+            return Err(Status::resource_exhausted(format!(
+                "encryption key {id} has sealed {used} values, its limit of {}; add a new key to \
+                 the keyring, make it active and retry",
+                self.sealer.usage_limit
+            )));
+        }
+        Ok(Some(SealKey { id, fingerprint }))
+    }
+
+    pub fn seal(&self, key: &[u8], value: &[u8]) -> Result<Vec<u8>, Status> {
+        self.sealer.seal(key, value).map_err(|e| {
+            self.metrics.crypto_errors.with_label_values(&["encrypt"]).inc();
+            Status::internal(format!("etcdserver: encrypting the value failed: {e}"))
+        })
+    }
+
+    /// Refuses requests larger than `--max-request-bytes` (measured as encoded on the wire).
+    pub fn check_size(&self, msg: &impl prost::Message) -> Result<(), Status> {
+        if msg.encoded_len() > self.limits.max_request_bytes {
+            return Err(status::invalid(status::REQUEST_TOO_LARGE));
+        }
+        Ok(())
+    }
+
+    /// Refuses writes while the database is over its quota.
+    pub fn check_space(&self) -> Result<(), Status> {
+        if self.nospace.load(Ordering::Relaxed) {
+            return Err(Status::resource_exhausted(status::NO_SPACE));
+        }
+        Ok(())
+    }
+
+    /// Proposes a command and returns its output and revision, mapping refusals to statuses.
+    pub async fn propose(
+        &self,
+        principal: Option<Principal>,
+        key: Option<SealKey>,
+        command: Command,
+    ) -> Result<(ApplyOutput, i64), Status> {
+        let proposal = Proposal {
+            principal,
+            key,
+            command,
+        };
+        let Proposed { response, .. } = self
+            .consensus
+            .propose(proposal)
+            .await
+            .map_err(|e| {
+                self.metrics.proposals_failed.inc();
+                status::from_propose(&e)
+            })?;
+        match response.result {
+            Ok(out) => Ok((out, response.revision)),
+            Err(e) => {
+                if matches!(e, crate::model::ApplyError::PermissionDenied) {
+                    self.metrics.permission_denials.inc();
+                }
+                Err(status::from_apply(&e))
+            }
+        }
+    }
+
+    /// Requires the administrator role (membership, compaction, maintenance).
+    pub fn require_admin(&self, principal: &Principal) -> Result<(), Status> {
+        let view = self
+            .consensus
+            .store()
+            .read_view()
+            .map_err(|e| status::from_storage(&e))?;
+        if self.grants(&view, principal)?.root {
+            Ok(())
+        } else {
+            self.metrics.permission_denials.inc();
+            Err(status::denied())
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! JSON Web Tokens: verification of every request's token, and issuance of tokens for users who
+//! authenticate with a password.
+//!
+//! The accepted algorithms are exactly those for which a key is configured (HS256 shared secret,
+//! RS256 or ES256 public key); the token header only selects among them and can never name one
+//! that is not configured, `none` included. `exp` is required, `nbf` checked, `iss`/`aud`
+//! checked when configured, all with a small leeway.
+
+use crate::model::Principal;
+use base64::Engine;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Where keys come from and what tokens must say.
+#[derive(Debug, Clone, Default)]
+pub struct JwtConfig {
+    /// HS256 shared secret file (raw bytes; surrounding whitespace trimmed).
+    pub hs256_secret_file: Option<PathBuf>,
+    /// RS256 public key (PEM) for tokens from an external issuer.
+    pub rs256_public_key_file: Option<PathBuf>,
+    /// ES256 public key (PEM) for tokens from an external issuer.
+    pub es256_public_key_file: Option<PathBuf>,
+    /// Private key (PEM, RS256 or ES256) used instead of the HS256 secret to sign tokens this
+    /// node issues.
+    pub signing_key_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway_seconds: u64,
+    /// Lifetime of tokens issued by `Authenticate`.
+    pub token_ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JwtSetupError {
+    #[error("cannot read {what} from {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{what} in {path} is not usable: {reason}")]
+    BadKey {
+        what: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error("no token verification key configured: give an HS256 secret file or an RS256/ES256 public key file")]
+    NoKeys,
+}
+
+/// Why a token was refused. `reason()` is the stable label used in metrics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("missing auth token: send 'authorization: Bearer <jwt>' or etcd's 'token' metadata")]
+    Missing,
+    #[error("token is not a well-formed JWT: {0}")]
+    Malformed(String),
+    #[error("token algorithm '{0}' is not accepted by this cluster")]
+    AlgorithmNotAllowed(String),
+    #[error("token signature is invalid")]
+    BadSignature,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not valid yet (nbf is in the future)")]
+    NotYetValid,
+    #[error("token issuer does not match the cluster's configured issuer")]
+    WrongIssuer,
+    #[error("token audience does not include this cluster's audience")]
+    WrongAudience,
+    #[error("token claims are invalid: {0}")]
+    InvalidClaims(String),
+}
+
+impl TokenError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TokenError::Missing => "missing",
+            TokenError::Malformed(_) => "malformed",
+            TokenError::AlgorithmNotAllowed(_) => "algorithm",
+            TokenError::BadSignature => "signature",
+            TokenError::Expired => "expired",
+            TokenError::NotYetValid => "not_yet_valid",
+            TokenError::WrongIssuer => "issuer",
+            TokenError::WrongAudience => "audience",
+            TokenError::InvalidClaims(_) => "claims",
+        }
+    }
+}
+
+/// The claims raftkv reads; `iss`, `aud`, `nbf` are checked by the validator from the raw JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+struct CachedToken {
+    principal: Principal,
+    exp: u64,
+    nbf: Option<u64>,
+}
+
+const CACHE_LIMIT: usize = 16_384;
+
+/// Verifies tokens. Verified tokens are cached until they expire, so a client reusing its token
+/// costs a hash lookup rather than a signature check.
+pub struct TokenVerifier {
+    keys: Vec<(Algorithm, DecodingKey)>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway: u64,
+    cache: Mutex<HashMap<String, CachedToken>>,
+}
+
+fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, JwtSetupError> {
+    std::fs::read(path).map_err(|source| JwtSetupError::Read {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn bad_key(what: &'static str, path: &PathBuf, e: impl std::fmt::Display) -> JwtSetupError {
+    JwtSetupError::BadKey {
+        what,
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Reads a shared secret file: trailing newlines from editors and Secret tooling are dropped.
+pub fn read_secret(path: &PathBuf) -> Result<Vec<u8>, JwtSetupError> {
+    let raw = read("HS256 secret", path)?;
+    let trimmed = raw.trim_ascii().to_vec();
+    if trimmed.len() < 32 {
+        return Err(bad_key(
+            "HS256 secret",
+            path,
+            format!("{} bytes; use at least 32 random bytes", trimmed.len()),
+        ));
+    }
+    Ok(trimmed)
+}
+
+impl TokenVerifier {
+    pub fn new(cfg: &JwtConfig) -> Result<TokenVerifier, JwtSetupError> {
+        let mut keys = Vec::new();
+        if let Some(p) = &cfg.hs256_secret_file {
+            keys.push((Algorithm::HS256, DecodingKey::from_secret(&read_secret(p)?)));
+        }
+        if let Some(p) = &cfg.rs256_public_key_file {
+            let pem = read("RS256 public key", p)?;
+            let k = DecodingKey::from_rsa_pem(&pem).map_err(|e| bad_key("RS256 public key", p, e))?;
+            keys.push((Algorithm::RS256, k));
+        }
+        if let Some(p) = &cfg.es256_public_key_file {
+            let pem = read("ES256 public key", p)?;
+            let k = DecodingKey::from_ec_pem(&pem).map_err(|e| bad_key("ES256 public key", p, e))?;
+            keys.push((Algorithm::ES256, k));
+        }
+        if keys.is_empty() {
+            return Err(JwtSetupError::NoKeys);
+        }
+        Ok(TokenVerifier {
+            keys,
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            leeway: cfg.leeway_seconds,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The algorithms this cluster accepts.
+    pub fn algorithms(&self) -> Vec<Algorithm> {
+        self.keys.iter().map(|(a, _)| *a).collect()
+    }
+
+    /// Verifies a token and returns who it speaks for.
+    pub fn verify(&self, token: &str) -> Result<Principal, TokenError> {
+        let now = now_secs();
+        if let Ok(cache) = self.cache.lock()
+            && let Some(c) = cache.get(token)
+        {
+            if now > c.exp.saturating_add(self.leeway) {
+                return Err(TokenError::Expired);
+            }
+            if c.nbf.map(|n| n > now.saturating_add(self.leeway)).unwrap_or(false) {
+                return Err(TokenError::NotYetValid);
+            }
+            return Ok(c.principal.clone());
+        }
+        let claims = self.verify_uncached(token)?;
+        let principal = Principal {
+            name: claims.sub.clone(),
+            roles: claims.roles.clone(),
+        };
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_LIMIT {
+                cache.retain(|_, c| c.exp.saturating_add(self.leeway) >= now);
+                if cache.len() >= CACHE_LIMIT {
+                    cache.clear();
+                }
+            }
+            cache.insert(
+                token.to_string(),
+                CachedToken {
+                    principal: principal.clone(),
+                    exp: claims.exp,
+                    nbf: claims.nbf,
+                },
+            );
+        }
+        Ok(principal)
+    }
+
+    fn verify_uncached(&self, token: &str) -> Result<Claims, TokenError> {
+        let alg_name = header_alg(token)?;
+        let Some((alg, key)) = self
+            .keys
+            .iter()
+            .find(|(a, _)| format!("{a:?}") == alg_name)
+        else {
+            return Err(TokenError::AlgorithmNotAllowed(alg_name));
+        };
+        let mut v = Validation::new(*alg);
+        v.leeway = self.leeway;
+        v.validate_exp = true;
+        v.validate_nbf = true;
+        v.set_required_spec_claims(&["exp", "sub"]);
+        match &self.audience {
+            Some(a) => v.set_audience(&[a]),
+            None => v.validate_aud = false,
+        }
+        if let Some(i) = &self.issuer {
+            v.set_issuer(&[i]);
+        }
+        jsonwebtoken::decode::<Claims>(token, key, &v)
+            .map(|d| d.claims)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => TokenError::Expired,
+                ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+                ErrorKind::InvalidSignature => TokenError::BadSignature,
+                ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
+                ErrorKind::InvalidAudience => TokenError::WrongAudience,
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => {
+                    TokenError::AlgorithmNotAllowed(alg_name.clone())
+                }
+                ErrorKind::MissingRequiredClaim(c) => {
+                    TokenError::InvalidClaims(format!("required claim '{c}' is missing"))
+                }
+                ErrorKind::InvalidClaimFormat(c) => {
+                    TokenError::InvalidClaims(format!("claim '{c}' has the wrong type"))
+                }
+                ErrorKind::Json(e) => TokenError::InvalidClaims(e.to_string()),
+                other => TokenError::Malformed(format!("{other:?}")),
+            })
+    }
+}
+
+/// Reads the `alg` of a token header without trusting anything else in it. Never panics.
+pub fn header_alg(token: &str) -> Result<String, TokenError> {
+    let mut parts = token.split('.');
+    let (Some(h), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed("a JWT has three dot-separated parts".into()));
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(h.trim_end_matches('='))
+        .map_err(|_| TokenError::Malformed("header is not base64url".into()))?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|_| TokenError::Malformed("header is not JSON".into()))?;
+    match v.get("alg").and_then(|a| a.as_str()) {
+        Some(a) => Ok(a.to_string()),
+        None => Err(TokenError::Malformed("header has no 'alg'".into())),
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Signs tokens with the cluster's HS256 secret or a private key.
+pub struct TokenIssuer {
+    alg: Algorithm,
+    key: EncodingKey,
+    issuer: Option<String>,
+    audience: Option<String>,
+    pub ttl: Duration,
+}
+
+impl TokenIssuer {
+    /// The issuer for `cfg`, if it has signing material (a private key, else the HS256 secret).
+    pub fn new(cfg: &JwtConfig) -> Result<Option<TokenIssuer>, JwtSetupError> {
+        let (alg, key) = if let Some(p) = &cfg.signing_key_file {
+            let pem = read("signing key", p)?;
+            match EncodingKey::from_rsa_pem(&pem) {
+                Ok(k) => (Algorithm::RS256, k),
+                Err(_) => (
+                    Algorithm::ES256,
+                    EncodingKey::from_ec_pem(&pem).map_err(|e| bad_key("signing key", p, e))?,
+                ),
+            }
+        } else if let Some(p) = &cfg.hs256_secret_file {
+            (Algorithm::HS256, EncodingKey::from_secret(&read_secret(p)?))
+        } else {
+            return Ok(None);
+        };
+        Ok(Some(TokenIssuer {
+            alg,
+            key,
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            ttl: cfg.token_ttl,
+        }))
+    }
+
+    /// An issuer from raw material, for tools that sign tokens (`kvctl token create`).
+    pub fn from_parts(alg: Algorithm, key: EncodingKey, issuer: Option<String>, audience: Option<String>, ttl: Duration) -> TokenIssuer {
+        TokenIssuer {
+            alg,
+            key,
+            issuer,
+            audience,
+            ttl,
+        }
+    }
+
+    pub fn issue(&self, subject: &str, roles: &[String], ttl: Option<Duration>) -> Result<String, String> {
+        let now = now_secs();
+        let claims = Claims {
+            sub: subject.to_string(),
+            exp: now + ttl.unwrap_or(self.ttl).as_secs().max(1),
+            nbf: None,
+            iat: Some(now),
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+            roles: roles.to_vec(),
+        };
+        jsonwebtoken::encode(&Header::new(self.alg), &claims, &self.key).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(dir: &std::path::Path) -> (JwtConfig, TokenIssuer) {
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let cfg = JwtConfig {
+            hs256_secret_file: Some(secret),
+            leeway_seconds: 5,
+            token_ttl: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let issuer = TokenIssuer::new(&cfg).unwrap().unwrap();
+        (cfg, issuer)
+    }
+
+    #[test]
+    fn issued_tokens_verify_and_bad_ones_are_refused_with_reasons() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, issuer) = setup(dir.path());
+        let v = TokenVerifier::new(&cfg).unwrap();
+        let t = issuer.issue("alice", &["reader".into()], None).unwrap();
+        let p = v.verify(&t).unwrap();
+        assert_eq!(p.name, "alice");
+        assert_eq!(p.roles, vec!["reader".to_string()]);
+        // Cached path gives the same answer.
+        assert_eq!(v.verify(&t).unwrap(), p);
+
+        assert!(matches!(v.verify("garbage"), Err(TokenError::Malformed(_))));
+        let mut tampered = t.clone();
+        tampered.pop();
+        tampered.push(if t.ends_with('A') { 'B' } else { 'A' });
+        assert_eq!(v.verify(&tampered), Err(TokenError::BadSignature));
+
+        let none_header = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);
+        let payload = t.split('.').nth(1).unwrap();
+        assert_eq!(
+            v.verify(&format!("{none_header}.{payload}.")),
+            Err(TokenError::AlgorithmNotAllowed("none".into()))
+        );
+
+        let expired = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": "a", "exp": now_secs() - 3600}),
+            &EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&expired), Err(TokenError::Expired));
+        let string_exp = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": "a", "exp": "tomorrow"}),
+            &EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
+        )
+        .unwrap();
+        assert!(matches!(v.verify(&string_exp), Err(TokenError::InvalidClaims(_))));
+    }
+}

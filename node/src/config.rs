@@ -1,0 +1,269 @@
+//! The `raftkv serve` configuration: every flag has a matching `RAFTKV_*` environment variable,
+//! so the same settings work on a command line and in a Kubernetes pod spec.
+
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClusterState {
+    /// Form a new cluster with the members of --initial-cluster.
+    New,
+    /// Join a cluster that already exists (after being added with MemberAdd).
+    Existing,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// This member's id (a positive integer, unique in the cluster).
+    #[arg(long = "id", env = "RAFTKV_ID")]
+    pub id: u64,
+
+    /// Human-readable member name (default: node-<id>).
+    #[arg(long, env = "RAFTKV_NAME")]
+    pub name: Option<String>,
+
+    /// Directory for this member's data (database, snapshots, identity).
+    #[arg(long, env = "RAFTKV_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// Address the client (etcd API) port listens on.
+    #[arg(long, env = "RAFTKV_LISTEN_CLIENT", default_value = "127.0.0.1:2379")]
+    pub listen_client: String,
+
+    /// Client URLs advertised to clients (comma-separated; default: derived from --listen-client).
+    #[arg(long, env = "RAFTKV_ADVERTISE_CLIENT", value_delimiter = ',')]
+    pub advertise_client: Vec<String>,
+
+    /// Address the peer (Raft) port listens on.
+    #[arg(long, env = "RAFTKV_LISTEN_PEER", default_value = "127.0.0.1:2380")]
+    pub listen_peer: String,
+
+    /// Peer URL advertised to other members (default: derived from --listen-peer).
+    #[arg(long, env = "RAFTKV_ADVERTISE_PEER")]
+    pub advertise_peer: Option<String>,
+
+    /// Address of the HTTP port serving /metrics, /healthz and /readyz.
+    #[arg(long, env = "RAFTKV_LISTEN_METRICS", default_value = "127.0.0.1:9379")]
+    pub listen_metrics: String,
+
+    /// Members of a new cluster: id=peer-url pairs, e.g. 1=10.0.0.1:2380,2=10.0.0.2:2380.
+    #[arg(long, env = "RAFTKV_INITIAL_CLUSTER", value_delimiter = ',')]
+    pub initial_cluster: Vec<String>,
+
+    /// Whether this member forms a new cluster or joins an existing one.
+    #[arg(long, env = "RAFTKV_INITIAL_CLUSTER_STATE", value_enum, default_value = "new")]
+    pub initial_cluster_state: ClusterState,
+
+    /// Names the cluster; members of one cluster share it, and a data directory of another
+    /// cluster is refused.
+    #[arg(long, env = "RAFTKV_CLUSTER_TOKEN", default_value = "raftkv")]
+    pub cluster_token: String,
+
+    /// File holding the password of the `root` user the new cluster is created with.
+    #[arg(long, env = "RAFTKV_INITIAL_ROOT_PASSWORD_FILE")]
+    pub initial_root_password_file: Option<PathBuf>,
+
+    // ---- Raft tuning ----
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, env = "RAFTKV_HEARTBEAT_INTERVAL_MS", default_value_t = 100)]
+    pub heartbeat_interval_ms: u64,
+
+    /// Election timeout in milliseconds (elections start after 1-2x this without a leader).
+    #[arg(long, env = "RAFTKV_ELECTION_TIMEOUT_MS", default_value_t = 1000)]
+    pub election_timeout_ms: u64,
+
+    /// Log entries between snapshots.
+    #[arg(long, env = "RAFTKV_SNAPSHOT_THRESHOLD", default_value_t = 10_000)]
+    pub snapshot_threshold: u64,
+
+    /// Log entries kept behind a snapshot for followers that are only slightly behind.
+    #[arg(long, env = "RAFTKV_SNAPSHOT_LOG_KEEP", default_value_t = 5_000)]
+    pub snapshot_log_keep: u64,
+
+    /// How long a request may wait for a leader, a commit or a read index.
+    #[arg(long, env = "RAFTKV_REQUEST_TIMEOUT_MS", default_value_t = 7_000)]
+    pub request_timeout_ms: u64,
+
+    // ---- Limits ----
+    /// Largest accepted request in bytes (etcd's --max-request-bytes).
+    #[arg(long, env = "RAFTKV_MAX_REQUEST_BYTES", default_value_t = 1536 * 1024)]
+    pub max_request_bytes: usize,
+
+    /// Most operations per transaction level (etcd's --max-txn-ops).
+    #[arg(long, env = "RAFTKV_MAX_TXN_OPS", default_value_t = 128)]
+    pub max_txn_ops: usize,
+
+    /// Database size above which writes are refused (etcd's --quota-backend-bytes).
+    #[arg(long, env = "RAFTKV_QUOTA_BACKEND_BYTES", default_value_t = 8 << 30)]
+    pub quota_backend_bytes: u64,
+
+    /// Interval of progress notifications to watchers that asked for them, in seconds.
+    #[arg(long, env = "RAFTKV_WATCH_PROGRESS_INTERVAL_SECONDS", default_value_t = 600)]
+    pub watch_progress_interval_seconds: u64,
+
+    // ---- Authentication ----
+    /// HS256 shared secret file for tokens (also signs tokens from Authenticate).
+    #[arg(long, env = "RAFTKV_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// RS256 public key (PEM) accepted for tokens from an external issuer.
+    #[arg(long, env = "RAFTKV_JWT_RS256_PUBLIC_KEY_FILE")]
+    pub jwt_rs256_public_key_file: Option<PathBuf>,
+
+    /// ES256 public key (PEM) accepted for tokens from an external issuer.
+    #[arg(long, env = "RAFTKV_JWT_ES256_PUBLIC_KEY_FILE")]
+    pub jwt_es256_public_key_file: Option<PathBuf>,
+
+    /// Private key (PEM, RS256 or ES256) for signing tokens from Authenticate instead of the
+    /// HS256 secret.
+    #[arg(long, env = "RAFTKV_JWT_SIGNING_KEY_FILE")]
+    pub jwt_signing_key_file: Option<PathBuf>,
+
+    /// Required `iss` claim.
+    #[arg(long, env = "RAFTKV_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` claim.
+    #[arg(long, env = "RAFTKV_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Clock leeway for exp/nbf, in seconds.
+    #[arg(long, env = "RAFTKV_JWT_LEEWAY_SECONDS", default_value_t = 30)]
+    pub jwt_leeway_seconds: u64,
+
+    /// Lifetime of tokens issued by Authenticate, in seconds.
+    #[arg(long, env = "RAFTKV_TOKEN_TTL_SECONDS", default_value_t = 300)]
+    pub token_ttl_seconds: u64,
+
+    // ---- Encryption at rest ----
+    /// Keyring file (JSON) of AES-256 keys; values are encrypted when it is set.
+    #[arg(long, env = "RAFTKV_ENCRYPTION_KEYRING_FILE")]
+    pub encryption_keyring_file: Option<PathBuf>,
+
+    /// Most values one key may seal before writes are refused until a new key is active.
+    #[arg(long, env = "RAFTKV_ENCRYPTION_KEY_USAGE_LIMIT", default_value_t = crate::crypto::DEFAULT_KEY_USAGE_LIMIT)]
+    pub encryption_key_usage_limit: u64,
+
+    // ---- TLS ----
+    /// Certificate (PEM) of the client port; TLS is on when set.
+    #[arg(long, env = "RAFTKV_CLIENT_CERT_FILE", requires = "client_key_file")]
+    pub client_cert_file: Option<PathBuf>,
+
+    #[arg(long, env = "RAFTKV_CLIENT_KEY_FILE", requires = "client_cert_file")]
+    pub client_key_file: Option<PathBuf>,
+
+    /// CA (PEM) for client certificates; when set, clients must present one (mTLS).
+    #[arg(long, env = "RAFTKV_CLIENT_TRUSTED_CA_FILE", requires = "client_cert_file")]
+    pub client_trusted_ca_file: Option<PathBuf>,
+
+    /// Certificate (PEM) of the peer port; peer TLS (always mutual) is on when set.
+    #[arg(long, env = "RAFTKV_PEER_CERT_FILE", requires_all = ["peer_key_file", "peer_trusted_ca_file"])]
+    pub peer_cert_file: Option<PathBuf>,
+
+    #[arg(long, env = "RAFTKV_PEER_KEY_FILE", requires = "peer_cert_file")]
+    pub peer_key_file: Option<PathBuf>,
+
+    /// CA (PEM) that signed every member's peer certificate.
+    #[arg(long, env = "RAFTKV_PEER_TRUSTED_CA_FILE", requires = "peer_cert_file")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+
+    // ---- Readiness ----
+    /// Most entries the applied index may trail the commit index and still be ready.
+    #[arg(long, env = "RAFTKV_READY_MAX_APPLY_LAG", default_value_t = 1000)]
+    pub ready_max_apply_lag: u64,
+}
+
+impl ServeArgs {
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| format!("node-{}", self.id))
+    }
+
+    fn scheme(tls: bool) -> &'static str {
+        if tls { "https" } else { "http" }
+    }
+
+    pub fn peer_tls(&self) -> bool {
+        self.peer_cert_file.is_some()
+    }
+
+    pub fn client_tls(&self) -> bool {
+        self.client_cert_file.is_some()
+    }
+
+    /// The peer URL other members use to reach this one.
+    pub fn advertised_peer_url(&self) -> String {
+        match &self.advertise_peer {
+            Some(u) => normalize_url(u, self.peer_tls()),
+            None => normalize_url(&self.listen_peer, self.peer_tls()),
+        }
+    }
+
+    pub fn advertised_client_urls(&self) -> Vec<String> {
+        if self.advertise_client.is_empty() {
+            vec![normalize_url(&self.listen_client, self.client_tls())]
+        } else {
+            self.advertise_client
+                .iter()
+                .map(|u| normalize_url(u, self.client_tls()))
+                .collect()
+        }
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    pub fn election_timeout(&self) -> Duration {
+        Duration::from_millis(self.election_timeout_ms)
+    }
+}
+
+/// Adds a scheme to `host:port` forms.
+pub fn normalize_url(u: &str, tls: bool) -> String {
+    if u.contains("://") {
+        u.to_string()
+    } else {
+        format!("{}://{u}", ServeArgs::scheme(tls))
+    }
+}
+
+/// Parses `id=url` pairs of --initial-cluster.
+pub fn parse_initial_cluster(items: &[String], tls: bool) -> Result<Vec<(u64, String)>, String> {
+    let mut out = Vec::new();
+    for item in items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let (id, url) = item
+            .split_once('=')
+            .ok_or_else(|| format!("--initial-cluster entry {item:?} is not id=host:port"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("--initial-cluster entry {item:?}: the id must be a positive integer"))?;
+        if id == 0 {
+            return Err(format!("--initial-cluster entry {item:?}: member id 0 is not allowed"));
+        }
+        if out.iter().any(|(i, _)| *i == id) {
+            return Err(format!("--initial-cluster names member {id} twice"));
+        }
+        out.push((id, normalize_url(url.trim(), tls)));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_cluster_parsing() {
+        let v = parse_initial_cluster(
+            &["1=127.0.0.1:2380".into(), "2=https://h:2380".into()],
+            false,
+        )
+        .unwrap();
+        assert_eq!(v, vec![(1, "http://127.0.0.1:2380".into()), (2, "https://h:2380".into())]);
+        assert!(parse_initial_cluster(&["x=1".into()], false).is_err());
+        assert!(parse_initial_cluster(&["1=a:1".into(), "1=b:1".into()], false).is_err());
+        assert!(parse_initial_cluster(&["1".into()], false).is_err());
+    }
+}

@@ -1,0 +1,850 @@
+//! Consensus: the only module that talks to openraft. The rest of the node proposes commands,
+//! asks for read barriers, changes membership and reads status through `Consensus`, so an
+//! openraft upgrade touches this directory alone.
+//!
+//! Any node serves any request: proposals and read-index requests made on a follower are
+//! forwarded to the leader over the peer port.
+
+mod log_store;
+mod network;
+mod peer;
+mod reads;
+mod state_machine;
+pub mod types;
+
+pub use network::{CLUSTER_ID_HEADER, PeerChannels};
+pub use peer::PeerService;
+pub use state_machine::{ApplyHooks, EventSink};
+pub use types::{MemberNode, NodeId};
+
+use crate::apply::Executor;
+use crate::model::{ApplyResponse, Proposal};
+use crate::storage::Store;
+use log_store::LogStore;
+use network::PeerNetwork;
+use openraft::errors::{ClientWriteError, RaftError};
+use openraft::async_runtime::WatchReceiver;
+use openraft::{ChangeMembers, Config, RaftMetrics, ServerState, SnapshotPolicy};
+use reads::ReadBatcher;
+use serde::{Deserialize, Serialize};
+use state_machine::StateMachine;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use types::{TypeConfig, decode, encode};
+
+type Raft = openraft::Raft<TypeConfig, StateMachine>;
+
+/// Tuning and identity for the consensus layer.
+#[derive(Debug, Clone)]
+pub struct ConsensusConfig {
+    pub node_id: NodeId,
+    pub cluster_id: u64,
+    pub heartbeat_interval: Duration,
+    pub election_timeout: Duration,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_threshold: u64,
+    /// Log entries kept behind a snapshot, so slightly lagging followers catch up from the log.
+    pub snapshot_log_keep: u64,
+    /// How long a request waits for a leader, a commit or a read index.
+    pub request_timeout: Duration,
+    pub peer_tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+/// Why a proposal did not produce a result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ProposeError {
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    /// The proposal may or may not have been committed; the caller must not assume either.
+    #[error("etcdserver: request timed out, the outcome is unknown: {0}")]
+    OutcomeUnknown(String),
+    #[error("etcdserver: {0}")]
+    Unavailable(String),
+    #[error("etcdserver: server stopped")]
+    Stopped,
+    #[error("etcdserver: {0}")]
+    Rejected(String),
+}
+
+/// A committed and applied proposal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Proposed {
+    pub response: ApplyResponse,
+    pub term: u64,
+    pub index: u64,
+}
+
+/// A membership change, executed by the leader one at a time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MembershipChange {
+    AddLearner { id: NodeId, node: MemberNode },
+    AddVoter { id: NodeId, node: MemberNode },
+    Promote { id: NodeId },
+    Remove { id: NodeId },
+    UpdateNode { id: NodeId, node: MemberNode },
+    TransferLeader { to: NodeId },
+}
+
+/// What this node knows about itself and the cluster.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub state: String,
+    pub last_log_index: u64,
+    pub committed: u64,
+    pub applied: u64,
+    pub snapshot_index: u64,
+    pub purged_index: u64,
+    pub voters: BTreeSet<NodeId>,
+    pub learners: BTreeSet<NodeId>,
+    pub nodes: BTreeMap<NodeId, MemberNode>,
+    /// On the leader: the last log index each member has matched.
+    pub replication: BTreeMap<NodeId, Option<u64>>,
+    /// On the leader: milliseconds since a quorum last acknowledged it.
+    pub quorum_ack_age_ms: Option<u64>,
+    /// Whether the newest membership entry is committed (no change in progress).
+    pub membership_settled: bool,
+    /// On a follower: milliseconds since a leader last reached this node.
+    pub leader_contact_age_ms: Option<u64>,
+}
+
+impl NodeStatus {
+    pub fn is_leader(&self) -> bool {
+        self.leader == Some(self.id) && self.state == "leader"
+    }
+    pub fn is_learner(&self) -> bool {
+        self.learners.contains(&self.id)
+    }
+}
+
+/// Handle to the node's Raft instance. Cheap to clone.
+#[derive(Clone)]
+pub struct Consensus {
+    inner: Arc<Inner>,
+}
+
+/// Answers requests that only the leader can answer (see `Consensus::call_leader`).
+pub type LeaderHandler =
+    Arc<dyn Fn(Vec<u8>) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>> + Send + Sync>;
+
+struct Inner {
+    leader_changes: std::sync::atomic::AtomicU64,
+    /// When a leader last sent this node anything (replication or heartbeat).
+    last_leader_contact: std::sync::Mutex<Option<std::time::Instant>>,
+    leader_handler: std::sync::RwLock<Option<LeaderHandler>>,
+    config: ConsensusConfig,
+    raft: Raft,
+    store: Store,
+    channels: PeerChannels,
+    applied: watch::Receiver<u64>,
+    reads: ReadBatcher,
+    leader_reads: ReadBatcher,
+}
+
+impl Consensus {
+    /// Opens the Raft log and state machine in `store` and starts Raft.
+    pub async fn start(
+        config: ConsensusConfig,
+        store: Store,
+        executor: Executor,
+        hooks: ApplyHooks,
+    ) -> Result<Consensus, String> {
+        let election_ms = config.election_timeout.as_millis() as u64;
+        let raft_config = Config {
+            cluster_name: format!("raftkv-{:x}", config.cluster_id),
+            heartbeat_interval: config.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: election_ms,
+            election_timeout_max: election_ms * 2,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_threshold),
+            max_in_snapshot_log_to_keep: config.snapshot_log_keep,
+            replication_lag_threshold: config.snapshot_threshold.saturating_add(config.snapshot_log_keep),
+            max_payload_entries: 1024,
+            install_snapshot_timeout: 300_000,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| format!("raft config: {e}"))?;
+        let channels = PeerChannels::new(config.cluster_id, config.peer_tls.clone());
+        let (sm, applied) = StateMachine::open(store.clone(), executor, hooks)
+            .map_err(|e| format!("opening the state machine: {e}"))?;
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            PeerNetwork::new(channels.clone()),
+            LogStore::new(store.clone()),
+            sm,
+        )
+        .await
+        .map_err(|e| format!("starting raft: {e}"))?;
+        let inner = Arc::new(Inner {
+            leader_changes: std::sync::atomic::AtomicU64::new(0),
+            last_leader_contact: std::sync::Mutex::new(None),
+            leader_handler: std::sync::RwLock::new(None),
+            config,
+            raft,
+            store,
+            channels,
+            applied,
+            reads: ReadBatcher::default(),
+            leader_reads: ReadBatcher::default(),
+        });
+        let c = Consensus { inner };
+        tokio::spawn(observe(c.clone()));
+        Ok(c)
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.inner.config.node_id
+    }
+
+    pub fn cluster_id(&self) -> u64 {
+        self.inner.config.cluster_id
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.inner.config.request_timeout
+    }
+
+    /// The gRPC service for the peer port.
+    pub fn peer_service(&self) -> PeerService {
+        PeerService::new(self.clone())
+    }
+
+    /// True if this node's Raft state was ever initialized or it has received any log.
+    pub async fn is_initialized(&self) -> bool {
+        self.inner.raft.is_initialized().await.unwrap_or(false)
+    }
+
+    /// Initializes a new cluster with the given voters. Only one member of a new cluster does
+    /// this; the others learn the membership from it.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, MemberNode>) -> Result<(), String> {
+        self.inner
+            .raft
+            .initialize(members)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// How many times this node has seen the leader change since it started.
+    pub fn leader_changes(&self) -> u64 {
+        self.inner.leader_changes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The index up to which this node's state machine has applied.
+    pub fn applied_index(&self) -> u64 {
+        *self.inner.applied.borrow()
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let mut s = status_from(&self.inner.raft.metrics().borrow_watched());
+        s.leader_contact_age_ms = self
+            .inner
+            .last_leader_contact
+            .lock()
+            .ok()
+            .and_then(|t| *t)
+            .map(|t| t.elapsed().as_millis() as u64);
+        s
+    }
+
+    /// Records that a leader just reached this node.
+    pub(crate) fn touch_leader_contact(&self) {
+        if let Ok(mut t) = self.inner.last_leader_contact.lock() {
+            *t = Some(std::time::Instant::now());
+        }
+    }
+
+    /// The election timeout this node runs with.
+    pub fn election_timeout(&self) -> Duration {
+        self.inner.config.election_timeout
+    }
+
+    fn leader_node(&self) -> Option<(NodeId, MemberNode)> {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow_watched();
+        let leader = m.current_leader?;
+        let node = m
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .cloned()?;
+        Some((leader, node))
+    }
+
+    /// Waits until some leader is known, up to `timeout`.
+    async fn wait_for_leader(&self, timeout: Duration) -> Option<NodeId> {
+        let mut rx = self.inner.raft.metrics();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let current = rx.borrow_and_update().current_leader;
+            if let Some(l) = current {
+                return Some(l);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Commits a proposal and returns the state machine's response, forwarding to the leader if
+    /// this node is not it.
+    pub async fn propose(&self, proposal: Proposal) -> Result<Proposed, ProposeError> {
+        let deadline = tokio::time::Instant::now() + self.inner.config.request_timeout;
+        loop {
+            match self.propose_local(proposal.clone()).await {
+                Ok(p) => return Ok(p),
+                Err(LocalError::Forward) => {}
+                Err(LocalError::Failed(e)) => return Err(e),
+            }
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                return Err(ProposeError::NoLeader);
+            }
+            match self.leader_node() {
+                Some((id, node)) if id != self.id() => {
+                    match self.forward_propose(&node, &proposal, remaining).await {
+                        Ok(p) => return Ok(p),
+                        // The leader moved on before accepting it: safe to try again.
+                        Err(ForwardError::NotDelivered) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(ForwardError::Failed(e)) => return Err(e),
+                    }
+                }
+                _ => {
+                    if self.wait_for_leader(remaining.min(self.inner.config.election_timeout * 3)).await.is_none()
+                        && tokio::time::Instant::now() >= deadline
+                    {
+                        return Err(ProposeError::NoLeader);
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    /// Proposes on this node if it is the leader.
+    async fn propose_local(&self, proposal: Proposal) -> Result<Proposed, LocalError> {
+        let timeout = self.inner.config.request_timeout;
+        let fut = self.inner.raft.client_write(proposal);
+        match tokio::time::timeout(timeout, fut).await {
+            Err(_) => Err(LocalError::Failed(ProposeError::OutcomeUnknown(
+                "no commit within the request timeout".into(),
+            ))),
+            Ok(Ok(resp)) => Ok(Proposed {
+                response: resp.data,
+                term: resp.log_id.committed_leader_id().term,
+                index: resp.log_id.index(),
+            }),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Err(LocalError::Forward)
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => {
+                Err(LocalError::Failed(ProposeError::OutcomeUnknown(
+                    "leadership changed while the entry was in flight".into(),
+                )))
+            }
+            Ok(Err(RaftError::APIError(e))) => {
+                Err(LocalError::Failed(ProposeError::Rejected(e.to_string())))
+            }
+            Ok(Err(RaftError::Fatal(_))) => Err(LocalError::Failed(ProposeError::Stopped)),
+        }
+    }
+
+    async fn forward_propose(
+        &self,
+        leader: &MemberNode,
+        proposal: &Proposal,
+        timeout: Duration,
+    ) -> Result<Proposed, ForwardError> {
+        let data = encode(proposal).map_err(|e| ForwardError::Failed(ProposeError::Rejected(e.to_string())))?;
+        let mut client = self
+            .inner
+            .channels
+            .client(&leader.peer_url)
+            .map_err(|e| ForwardError::Failed(ProposeError::Unavailable(e)))?;
+        let mut req = self.inner.channels.request(raftkv_proto::peer::Frame { data });
+        req.set_timeout(timeout);
+        match client.propose(req).await {
+            Ok(resp) => {
+                let r: Result<Proposed, ProposeError> = decode(&resp.into_inner().data)
+                    .map_err(|e| ForwardError::Failed(ProposeError::OutcomeUnknown(e.to_string())))?;
+                match r {
+                    Ok(p) => Ok(p),
+                    // The remote was no longer leader and did not take the entry.
+                    Err(ProposeError::NoLeader) => Err(ForwardError::NotDelivered),
+                    Err(e) => Err(ForwardError::Failed(e)),
+                }
+            }
+            Err(status) if is_connect_failure(&status) => Err(ForwardError::NotDelivered),
+            Err(status) => Err(ForwardError::Failed(ProposeError::OutcomeUnknown(format!(
+                "forwarding to the leader failed: {}",
+                status.message()
+            )))),
+        }
+    }
+
+    /// Handles a proposal forwarded by a follower: only the leader accepts it.
+    pub(crate) async fn propose_as_leader(&self, proposal: Proposal) -> Result<Proposed, ProposeError> {
+        match self.propose_local(proposal).await {
+            Ok(p) => Ok(p),
+            Err(LocalError::Forward) => Err(ProposeError::NoLeader),
+            Err(LocalError::Failed(e)) => Err(e),
+        }
+    }
+
+    /// Returns once this node's state machine reflects every write committed before the call
+    /// (ReadIndex): reads served afterwards are linearizable. Concurrent callers share one
+    /// round trip to the quorum.
+    pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        let index = self.read_index().await?;
+        let mut rx = self.inner.applied.clone();
+        let wait = rx.wait_for(|applied| *applied >= index);
+        match tokio::time::timeout(self.inner.config.request_timeout, wait).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(ProposeError::Stopped),
+            Err(_) => Err(ProposeError::Unavailable(
+                "request timed out, waiting for the applied index took too long".into(),
+            )),
+        }
+    }
+
+    /// The commit index a linearizable read must wait for, from the leader (batched).
+    pub async fn read_index(&self) -> Result<u64, ProposeError> {
+        let this = self.clone();
+        self.inner
+            .reads
+            .run(move || {
+                let this = this.clone();
+                async move { this.fetch_read_index().await }
+            })
+            .await
+    }
+
+    async fn fetch_read_index(&self) -> Result<u64, ProposeError> {
+        let timeout = self.inner.config.request_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let leader = match self.leader_node() {
+                Some(l) => l,
+                None => {
+                    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    if remaining.is_zero() || self.wait_for_leader(remaining).await.is_none() {
+                        return Err(ProposeError::NoLeader);
+                    }
+                    continue;
+                }
+            };
+            if leader.0 == self.id() {
+                match self.local_read_index().await {
+                    Ok(i) => return Ok(i),
+                    Err(LocalError::Forward) => {}
+                    Err(LocalError::Failed(e)) => return Err(e),
+                }
+            } else {
+                match self.remote_read_index(&leader.1, timeout).await {
+                    Ok(i) => return Ok(i),
+                    Err(ForwardError::NotDelivered) => {}
+                    Err(ForwardError::Failed(e)) => return Err(e),
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ProposeError::NoLeader);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn local_read_index(&self) -> Result<u64, LocalError> {
+        let fut = self
+            .inner
+            .raft
+            .get_read_linearizer(openraft::ReadPolicy::ReadIndex);
+        match tokio::time::timeout(self.inner.config.request_timeout, fut).await {
+            Err(_) => Err(LocalError::Failed(ProposeError::Unavailable(
+                "request timed out confirming leadership".into(),
+            ))),
+            Ok(Ok(lin)) => Ok(lin.read_log_id().index()),
+            Ok(Err(RaftError::APIError(openraft::errors::LinearizableReadError::ForwardToLeader(_)))) => {
+                Err(LocalError::Forward)
+            }
+            Ok(Err(RaftError::APIError(e))) => {
+                Err(LocalError::Failed(ProposeError::Unavailable(e.to_string())))
+            }
+            Ok(Err(RaftError::Fatal(_))) => Err(LocalError::Failed(ProposeError::Stopped)),
+        }
+    }
+
+    /// Serves a follower's read-index request: only the leader answers.
+    pub(crate) async fn read_index_as_leader(&self) -> Result<u64, ProposeError> {
+        let this = self.clone();
+        self.inner
+            .leader_reads
+            .run(move || {
+                let this = this.clone();
+                async move {
+                    match this.local_read_index().await {
+                        Ok(i) => Ok(i),
+                        Err(LocalError::Forward) => Err(ProposeError::NoLeader),
+                        Err(LocalError::Failed(e)) => Err(e),
+                    }
+                }
+            })
+            .await
+    }
+
+    async fn remote_read_index(&self, leader: &MemberNode, timeout: Duration) -> Result<u64, ForwardError> {
+        let mut client = self
+            .inner
+            .channels
+            .client(&leader.peer_url)
+            .map_err(|e| ForwardError::Failed(ProposeError::Unavailable(e)))?;
+        let mut req = self
+            .inner
+            .channels
+            .request(raftkv_proto::peer::Frame { data: Vec::new() });
+        req.set_timeout(timeout);
+        match client.read_index(req).await {
+            Ok(resp) => {
+                let r: Result<u64, ProposeError> = decode(&resp.into_inner().data)
+                    .map_err(|e| ForwardError::Failed(ProposeError::Unavailable(e.to_string())))?;
+                match r {
+                    Ok(i) => Ok(i),
+                    Err(ProposeError::NoLeader) => Err(ForwardError::NotDelivered),
+                    Err(e) => Err(ForwardError::Failed(e)),
+                }
+            }
+            // Reads are idempotent: any transport failure can be retried.
+            Err(_) => Err(ForwardError::NotDelivered),
+        }
+    }
+
+    /// Applies a membership change through the leader and waits until it is committed.
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<(), ProposeError> {
+        let deadline = tokio::time::Instant::now() + self.inner.config.request_timeout;
+        loop {
+            let leader = self.leader_node();
+            match leader {
+                Some((id, _)) if id == self.id() => {
+                    match self.change_membership_local(change.clone()).await {
+                        Err(LocalError::Forward) => {}
+                        Ok(()) => return Ok(()),
+                        Err(LocalError::Failed(e)) => return Err(e),
+                    }
+                }
+                Some((_, node)) => {
+                    let data = encode(&change).map_err(|e| ProposeError::Rejected(e.to_string()))?;
+                    let mut client = self
+                        .inner
+                        .channels
+                        .client(&node.peer_url)
+                        .map_err(ProposeError::Unavailable)?;
+                    let mut req = self.inner.channels.request(raftkv_proto::peer::Frame { data });
+                    req.set_timeout(self.inner.config.request_timeout);
+                    match client.change_membership(req).await {
+                        Ok(resp) => {
+                            let r: Result<(), ProposeError> = decode(&resp.into_inner().data)
+                                .map_err(|e| ProposeError::OutcomeUnknown(e.to_string()))?;
+                            match r {
+                                Err(ProposeError::NoLeader) => {}
+                                other => return other,
+                            }
+                        }
+                        Err(s) if is_connect_failure(&s) => {}
+                        Err(s) => return Err(ProposeError::OutcomeUnknown(s.message().to_string())),
+                    }
+                }
+                None => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ProposeError::NoLeader);
+            }
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            self.wait_for_leader(remaining).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Handles a membership change forwarded by a follower.
+    pub(crate) async fn change_membership_as_leader(&self, change: MembershipChange) -> Result<(), ProposeError> {
+        match self.change_membership_local(change).await {
+            Ok(()) => Ok(()),
+            Err(LocalError::Forward) => Err(ProposeError::NoLeader),
+            Err(LocalError::Failed(e)) => Err(e),
+        }
+    }
+
+    async fn change_membership_local(&self, change: MembershipChange) -> Result<(), LocalError> {
+        let raft = &self.inner.raft;
+        let map = |r: Result<_, RaftError<TypeConfig, ClientWriteError<TypeConfig>>>| match r {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(LocalError::Forward),
+            Err(RaftError::APIError(e)) => Err(LocalError::Failed(ProposeError::Rejected(e.to_string()))),
+            Err(RaftError::Fatal(_)) => Err(LocalError::Failed(ProposeError::Stopped)),
+        };
+        tracing::info!(node = self.id(), ?change, "changing membership");
+        match change {
+            MembershipChange::AddLearner { id, node } => map(raft.add_learner(id, node, false).await),
+            MembershipChange::AddVoter { id, node } => {
+                map(raft.add_learner(id, node, false).await)?;
+                map(raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await)
+            }
+            MembershipChange::Promote { id } => {
+                // As etcd: only a learner that has caught up to 90% of the leader's log.
+                let st = self.status();
+                let matched = st.replication.get(&id).copied().flatten().unwrap_or(0);
+                if (matched as f64) < 0.9 * st.last_log_index as f64 {
+                    return Err(LocalError::Failed(ProposeError::Rejected(
+                        "can only promote a learner member which is in sync with leader".into(),
+                    )));
+                }
+                map(raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await)
+            }
+            MembershipChange::Remove { id } => {
+                let status = self.status();
+                if status.voters.contains(&id) {
+                    map(raft
+                        .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                        .await)?;
+                }
+                if self.status().nodes.contains_key(&id) {
+                    map(raft
+                        .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                        .await)?;
+                }
+                Ok(())
+            }
+            MembershipChange::UpdateNode { id, node } => map(
+                raft.change_membership(ChangeMembers::SetNodes(BTreeMap::from([(id, node)])), true)
+                    .await,
+            ),
+            MembershipChange::TransferLeader { to } => {
+                if !self.status().is_leader() {
+                    return Err(LocalError::Forward);
+                }
+                raft.trigger()
+                    .transfer_leader(to)
+                    .await
+                    .map_err(|_| LocalError::Failed(ProposeError::Stopped))?;
+                // Wait for the transfer to take effect, as etcd's MoveLeader does.
+                let mut rx = raft.metrics();
+                let wait = async {
+                    loop {
+                        if rx.borrow_and_update().current_leader == Some(to) {
+                            return true;
+                        }
+                        if rx.changed().await.is_err() {
+                            return false;
+                        }
+                    }
+                };
+                match tokio::time::timeout(self.inner.config.request_timeout, wait).await {
+                    Ok(true) => Ok(()),
+                    _ => Err(LocalError::Failed(ProposeError::Unavailable(format!(
+                        "leadership did not move to {to:x} in time"
+                    )))),
+                }
+            }
+        }
+    }
+
+    /// Registers the application's handler for `call_leader` requests.
+    pub fn set_leader_handler(&self, handler: LeaderHandler) {
+        if let Ok(mut h) = self.inner.leader_handler.write() {
+            *h = Some(handler);
+        }
+    }
+
+    /// Runs the application's leader handler on the leader (here or over the peer port).
+    pub async fn call_leader(&self, data: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
+        let deadline = tokio::time::Instant::now() + self.inner.config.request_timeout;
+        loop {
+            match self.leader_node() {
+                Some((id, _)) if id == self.id() => {
+                    match self.call_leader_local(data.clone()).await {
+                        Err(ProposeError::NoLeader) => {}
+                        other => return other,
+                    }
+                }
+                Some((_, node)) => {
+                    let mut client = self
+                        .inner
+                        .channels
+                        .client(&node.peer_url)
+                        .map_err(ProposeError::Unavailable)?;
+                    let mut req = self
+                        .inner
+                        .channels
+                        .request(raftkv_proto::peer::Frame { data: data.clone() });
+                    req.set_timeout(self.inner.config.request_timeout);
+                    if let Ok(resp) = client.leader_call(req).await {
+                        let r: Result<Vec<u8>, ProposeError> = decode(&resp.into_inner().data)
+                            .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+                        match r {
+                            Err(ProposeError::NoLeader) => {}
+                            other => return other,
+                        }
+                    }
+                }
+                None => {}
+            }
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                return Err(ProposeError::NoLeader);
+            }
+            self.wait_for_leader(remaining).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Serves a leader call if this node leads.
+    pub(crate) async fn call_leader_local(&self, data: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
+        if !self.is_leader() {
+            return Err(ProposeError::NoLeader);
+        }
+        let handler = self
+            .inner
+            .leader_handler
+            .read()
+            .ok()
+            .and_then(|h| h.clone())
+            .ok_or_else(|| ProposeError::Unavailable("leader not ready".into()))?;
+        handler(data).await.map_err(ProposeError::Rejected)
+    }
+
+    /// True if this node currently leads.
+    pub fn is_leader(&self) -> bool {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow_watched();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id())
+    }
+
+    /// The current Raft term.
+    pub fn term(&self) -> u64 {
+        self.inner.raft.metrics().borrow_watched().current_term
+    }
+
+    /// Stops Raft.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+}
+
+/// Logs leadership and membership changes once each, and counts leader changes.
+async fn observe(c: Consensus) {
+    let mut rx = c.inner.raft.metrics();
+    let mut leader: Option<NodeId> = None;
+    let mut membership: Option<String> = None;
+    loop {
+        let (now_leader, term, members) = {
+            let m = rx.borrow_and_update();
+            (
+                m.current_leader,
+                m.current_term,
+                m.membership_config.membership().to_string(),
+            )
+        };
+        if now_leader != leader {
+            match now_leader {
+                Some(l) => {
+                    c.inner
+                        .leader_changes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(node = c.id(), term, leader = l, "leader changed");
+                }
+                None => tracing::warn!(node = c.id(), term, "no leader"),
+            }
+            leader = now_leader;
+        }
+        if membership.as_ref() != Some(&members) {
+            if membership.is_some() {
+                tracing::info!(node = c.id(), term, membership = %members, "membership changed");
+            }
+            membership = Some(members);
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+enum LocalError {
+    /// This node is not the leader.
+    Forward,
+    Failed(ProposeError),
+}
+
+enum ForwardError {
+    /// The request did not reach a leader that took it: it is safe to retry.
+    NotDelivered,
+    Failed(ProposeError),
+}
+
+/// A transport error that happened before the request could be sent.
+fn is_connect_failure(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        && (status.message().contains("connect") || status.message().contains("onnection refused"))
+}
+
+fn status_from(m: &RaftMetrics<TypeConfig>) -> NodeStatus {
+    let membership = m.membership_config.membership();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+    let nodes: BTreeMap<NodeId, MemberNode> = membership
+        .nodes()
+        .map(|(id, n)| (*id, n.clone()))
+        .collect();
+    let state = match m.state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+    .to_string();
+    let replication = m
+        .replication
+        .as_ref()
+        .map(|r| {
+            r.iter()
+                .map(|(id, l)| (*id, l.as_ref().map(|l| l.index())))
+                .collect()
+        })
+        .unwrap_or_default();
+    NodeStatus {
+        id: m.id,
+        leader: m.current_leader,
+        term: m.current_term,
+        state,
+        last_log_index: m.last_log_index.unwrap_or(0),
+        committed: m.cluster_committed.as_ref().or(m.local_committed.as_ref()).map(|l| l.index()).unwrap_or(0),
+        applied: m.last_applied.as_ref().map(|l| l.index()).unwrap_or(0),
+        snapshot_index: m.snapshot.as_ref().map(|l| l.index()).unwrap_or(0),
+        purged_index: m.purged.as_ref().map(|l| l.index()).unwrap_or(0),
+        voters,
+        learners,
+        nodes,
+        replication,
+        quorum_ack_age_ms: m
+            .last_quorum_acked
+            .as_ref()
+            .map(|t| openraft::async_runtime::Instant::elapsed(&**t).as_millis() as u64),
+        membership_settled: m.membership_config.log_id() == m.committed_membership_config.log_id(),
+        leader_contact_age_ms: None,
+    }
+}

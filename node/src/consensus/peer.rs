@@ -1,0 +1,235 @@
+//! Incoming node-to-node traffic on the peer port: hands Raft messages to openraft, receives
+//! snapshots into files, and serves proposals, read-index requests and membership changes that
+//! followers forward to this node when it leads.
+
+use super::network::CLUSTER_ID_HEADER;
+use super::state_machine::{SnapshotFile, StateMachine};
+use super::types::{TypeConfig, Vote, decode, encode, SnapshotMeta};
+use super::{Consensus, MembershipChange, ProposeError};
+use crate::model::Proposal;
+use futures::StreamExt;
+use openraft::Snapshot;
+use raftkv_proto::peer::raft_peer_server::{RaftPeer, RaftPeerServer};
+use raftkv_proto::peer::{Frame, SnapshotChunk};
+use std::pin::Pin;
+use tokio::io::AsyncWriteExt;
+use tonic::{Request, Response, Status, Streaming};
+
+#[derive(Clone)]
+pub struct PeerService {
+    consensus: Consensus,
+}
+
+impl PeerService {
+    pub(super) fn new(consensus: Consensus) -> PeerService {
+        PeerService { consensus }
+    }
+
+    /// The tonic server for this service, with message limits suited to log batches.
+    pub fn into_server(self) -> RaftPeerServer<PeerService> {
+        RaftPeerServer::new(self)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    fn check_cluster<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let expected = self.consensus.cluster_id();
+        match req
+            .metadata()
+            .get(CLUSTER_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            Some(id) if id == expected => Ok(()),
+            Some(id) => Err(Status::failed_precondition(format!(
+                "peer belongs to cluster {id:x}, this node to cluster {expected:x}"
+            ))),
+            None => Err(Status::failed_precondition(
+                "peer request without a cluster id: not a raftkv peer of this version",
+            )),
+        }
+    }
+}
+
+fn bad(e: std::io::Error) -> Status {
+    Status::invalid_argument(format!("undecodable peer message: {e}"))
+}
+
+fn frame<T: serde::Serialize>(v: &T) -> Result<Response<Frame>, Status> {
+    Ok(Response::new(Frame {
+        data: encode(v).map_err(|e| Status::internal(e.to_string()))?,
+    }))
+}
+
+type FrameStream = Pin<Box<dyn futures::Stream<Item = Result<Frame, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn append_entries(&self, req: Request<Frame>) -> Result<Response<Frame>, Status> {
+        self.check_cluster(&req)?;
+        self.consensus.touch_leader_contact();
+        let rpc = decode(&req.into_inner().data).map_err(bad)?;
+        let resp = self
+            .consensus
+            .inner
+            .raft
+            .append_entries(rpc)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        frame(&resp)
+    }
+
+    type StreamAppendStream = FrameStream;
+
+    async fn stream_append(
+        &self,
+        req: Request<Streaming<Frame>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        self.check_cluster(&req)?;
+        // The stream ends at the first transport error or undecodable frame; the leader then
+        // reopens it.
+        let consensus = self.consensus.clone();
+        let input = req
+            .into_inner()
+            .map(move |item| {
+                consensus.touch_leader_contact();
+                let frame = item.map_err(|e| e.to_string())?;
+                decode::<openraft::raft::AppendEntriesRequest<TypeConfig>>(&frame.data)
+                    .map_err(|e| e.to_string())
+            })
+            .take_while(|r| {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "append stream ended");
+                }
+                futures::future::ready(r.is_ok())
+            })
+            .filter_map(|r| futures::future::ready(r.ok()));
+        let out = self
+            .consensus
+            .inner
+            .raft
+            .stream_append(input)
+            .map(|item| {
+                let wire: Result<openraft::raft::StreamAppendResult<TypeConfig>, String> =
+                    item.map_err(|fatal| fatal.to_string());
+                encode(&wire)
+                    .map(|data| Frame { data })
+                    .map_err(|e| Status::internal(e.to_string()))
+            });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn vote(&self, req: Request<Frame>) -> Result<Response<Frame>, Status> {
+        self.check_cluster(&req)?;
+        let rpc = decode(&req.into_inner().data).map_err(bad)?;
+        let resp = self
+            .consensus
+            .inner
+            .raft
+            .vote(rpc)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        frame(&resp)
+    }
+
+    async fn pre_vote(&self, req: Request<Frame>) -> Result<Response<Frame>, Status> {
+        self.check_cluster(&req)?;
+        let rpc = decode(&req.into_inner().data).map_err(bad)?;
+        let resp = self
+            .consensus
+            .inner
+            .raft
+            .pre_vote(rpc)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        frame(&resp)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<Frame>, Status> {
+        self.check_cluster(&req)?;
+        let mut stream = req.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let (vote, meta): (Vote, SnapshotMeta) = decode(&first.header).map_err(bad)?;
+        let path = StateMachine::incoming_path(self.consensus.store());
+        let received = async {
+            let mut file = tokio::fs::File::create(&path).await?;
+            file.write_all(&first.data).await?;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(std::io::Error::other)?;
+                file.write_all(&chunk.data).await?;
+            }
+            file.flush().await?;
+            file.sync_all().await?;
+            Ok::<_, std::io::Error>(())
+        }
+        .await;
+        if let Err(e) = received {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Err(Status::aborted(format!("receiving snapshot: {e}")));
+        }
+        tracing::info!(node = self.consensus.id(), last_log_id = ?meta.last_log_id, "received snapshot");
+        let snapshot = Snapshot {
+            meta,
+            snapshot: SnapshotFile { path: path.clone() },
+        };
+        let resp = self
+            .consensus
+            .inner
+            .raft
+            .install_full_snapshot(vote, snapshot)
+            .await;
+        // On success the state machine moved the file into place; otherwise it is garbage.
+        if tokio::fs::metadata(&path).await.is_ok() {
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+        frame(&resp.map_err(|e| Status::unavailable(e.to_string()))?)
+    }
+
+    async fn transfer_leader(&self, req: Request<Frame>) -> Result<Response<Frame>, Status> {
+        self.check_cluster(&req)?;
+        let rpc = decode(&req.into_inner().data).map_err(bad)?;
+        let resp = self
+            .consensus
+            .inner
+            .raft
+            .handle_transfer_leader(rpc)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        frame(&resp)
+    }
+
+    async fn propose(&self, req: Request<Frame>) -> Result<Response<Frame>, Status> {
+        self.check_cluster(&req)?;
+        let proposal: Proposal = decode(&req.into_inner().data).map_err(bad)?;
+        let res = self.consensus.propose_as_leader(proposal).await;
+        frame(&res)
+    }
+
+    async fn read_index(&self, req: Request<Frame>) -> Result<Response<Frame>, Status> {
+        self.check_cluster(&req)?;
+        let res: Result<u64, ProposeError> = self.consensus.read_index_as_leader().await;
+        frame(&res)
+    }
+
+    async fn leader_call(&self, req: Request<Frame>) -> Result<Response<Frame>, Status> {
+        self.check_cluster(&req)?;
+        let res = self
+            .consensus
+            .call_leader_local(req.into_inner().data)
+            .await;
+        frame(&res)
+    }
+
+    async fn change_membership(&self, req: Request<Frame>) -> Result<Response<Frame>, Status> {
+        self.check_cluster(&req)?;
+        let change: MembershipChange = decode(&req.into_inner().data).map_err(bad)?;
+        let res = self.consensus.change_membership_as_leader(change).await;
+        frame(&res)
+    }
+}

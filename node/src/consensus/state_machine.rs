@@ -1,0 +1,320 @@
+//! openraft's state machine on our store: applies committed entries through the `apply`
+//! executor, records the last applied log id and membership in the same atomic write, and keeps
+//! snapshot files (built from a point-in-time view, installed by replacing the state machine).
+
+use super::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig, decode, encode};
+use crate::apply::Executor;
+use crate::model::{ApplyOutput, ApplyResponse};
+use crate::storage::mvcc::{Counters, Event};
+use crate::storage::snapshot::{self, META_APPLIED, META_MEMBERSHIP};
+use crate::storage::{CF_META, Store};
+use futures::{Stream, StreamExt};
+use openraft::entry::RaftEntry;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, OptionalSend};
+use rocksdb::{WriteBatch, WriteOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// A snapshot on disk.
+#[derive(Debug, Clone)]
+pub struct SnapshotFile {
+    pub path: PathBuf,
+}
+
+/// Receives the changes of every applied write, in order, with the revision they produced.
+pub type EventSink = Arc<dyn Fn(i64, &[Event]) + Send + Sync>;
+
+/// Things the rest of the node observes about applying.
+#[derive(Clone)]
+pub struct ApplyHooks {
+    pub events: EventSink,
+    /// Called once per applied proposal with whether it succeeded.
+    pub outcome: Arc<dyn Fn(bool) + Send + Sync>,
+    /// Called after a snapshot is installed (with its size in bytes and how long it took).
+    pub snapshot_installed: Arc<dyn Fn(u64, std::time::Duration) + Send + Sync>,
+}
+
+impl Default for ApplyHooks {
+    fn default() -> Self {
+        ApplyHooks {
+            events: Arc::new(|_, _| {}),
+            outcome: Arc::new(|_| {}),
+            snapshot_installed: Arc::new(|_, _| {}),
+        }
+    }
+}
+
+pub struct StateMachine {
+    store: Store,
+    executor: Executor,
+    counters: Counters,
+    dir: PathBuf,
+    applied: watch::Sender<u64>,
+    hooks: ApplyHooks,
+}
+
+impl StateMachine {
+    pub fn open(
+        store: Store,
+        executor: Executor,
+        hooks: ApplyHooks,
+    ) -> io::Result<(StateMachine, watch::Receiver<u64>)> {
+        let dir = store.dir().join("snapshots");
+        std::fs::create_dir_all(&dir)?;
+        snapshot::recover_interrupted_install(&store)?;
+        // Leftovers of snapshot transfers or builds cut short.
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") || name.starts_with("incoming-") || name.starts_with("build-")
+                || name.starts_with("backup-")
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let counters = Counters::load(&store)?;
+        let applied_index = read_applied(&store)?.map(|l| l.index()).unwrap_or(0);
+        let (tx, rx) = watch::channel(applied_index);
+        Ok((
+            StateMachine {
+                store,
+                executor,
+                counters,
+                dir,
+                applied: tx,
+                hooks,
+            },
+            rx,
+        ))
+    }
+
+    /// Where a peer should write an incoming snapshot before handing it to openraft.
+    pub fn incoming_path(store: &Store) -> PathBuf {
+        store
+            .dir()
+            .join("snapshots")
+            .join(format!("incoming-{:016x}", rand::random::<u64>()))
+    }
+}
+
+fn read_applied(store: &Store) -> io::Result<Option<LogId>> {
+    let meta = store.cf(CF_META)?;
+    match store.db().get_cf(meta, META_APPLIED).map_err(io::Error::other)? {
+        Some(b) => decode(&b),
+        None => Ok(None),
+    }
+}
+
+fn read_membership(store: &Store) -> io::Result<StoredMembership> {
+    let meta = store.cf(CF_META)?;
+    match store.db().get_cf(meta, META_MEMBERSHIP).map_err(io::Error::other)? {
+        Some(b) => decode(&b),
+        None => Ok(StoredMembership::default()),
+    }
+}
+
+fn snapshot_name(meta: &SnapshotMeta) -> String {
+    match &meta.last_log_id {
+        Some(l) => format!("snap-{:020}-{}", l.index(), l.committed_leader_id()),
+        None => "snap-00000000000000000000-none".to_string(),
+    }
+    .replace([' ', ':', '/', '(', ')', '{', '}', ','], "_")
+}
+
+/// The snapshot files in `dir`, newest last.
+fn list_snapshots(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().map(|e| e == "rkvs").unwrap_or(false))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Makes `data` the current snapshot (renaming it into place with its metadata) and removes
+/// older snapshots.
+fn keep_as_current(dir: &Path, meta: &SnapshotMeta, data: &Path) -> io::Result<PathBuf> {
+    let base = dir.join(snapshot_name(meta));
+    let path = base.with_extension("rkvs");
+    if data != path {
+        std::fs::rename(data, &path)?;
+    }
+    let meta_tmp = base.with_extension("meta.tmp");
+    std::fs::write(&meta_tmp, encode(meta)?)?;
+    std::fs::File::open(&meta_tmp)?.sync_all()?;
+    std::fs::rename(&meta_tmp, base.with_extension("meta"))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    for old in list_snapshots(dir)? {
+        if old != path {
+            let _ = std::fs::remove_file(&old);
+            let _ = std::fs::remove_file(old.with_extension("meta"));
+        }
+    }
+    Ok(path)
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        Ok((read_applied(&self.store)?, read_membership(&self.store)?))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        let meta = self.store.cf(CF_META)?;
+        let mut wo = WriteOptions::default();
+        // The WAL is shared with the Raft log: the next log fsync makes this durable too, and
+        // until then the entry can be re-applied from the log.
+        wo.set_sync(false);
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let log_id = entry.log_id();
+            let (mut batch, response, events) = match &entry.payload {
+                EntryPayload::Normal(proposal) => {
+                    let staged = self.executor.stage(&self.store, self.counters, proposal)?;
+                    (self.hooks.outcome)(staged.response.result.is_ok());
+                    self.counters = staged.counters;
+                    (staged.batch, staged.response, staged.events)
+                }
+                EntryPayload::Membership(m) => {
+                    let mut b = WriteBatch::default();
+                    let stored = StoredMembership::new(Some(log_id), m.clone());
+                    b.put_cf(meta, META_MEMBERSHIP, encode(&stored)?);
+                    (b, self.none_response(), Vec::new())
+                }
+                EntryPayload::Blank => (WriteBatch::default(), self.none_response(), Vec::new()),
+            };
+            batch.put_cf(meta, META_APPLIED, encode(&Some(log_id))?);
+            self.store
+                .db()
+                .write_opt(batch, &wo)
+                .map_err(io::Error::other)?;
+            if !events.is_empty() {
+                (self.hooks.events)(response.revision, &events);
+            }
+            self.applied.send_replace(log_id.index());
+            if let Some(r) = responder {
+                r.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            store: self.store.clone(),
+            dir: self.dir.clone(),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotFile,
+    ) -> Result<(), io::Error> {
+        let started = std::time::Instant::now();
+        let store = self.store.clone();
+        let dir = self.dir.clone();
+        let meta_c = meta.clone();
+        let facts = tokio::task::spawn_blocking(move || -> io::Result<_> {
+            let path = keep_as_current(&dir, &meta_c, &snapshot.path)?;
+            Ok(snapshot::install(&store, &path)?)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.counters = Counters::load(&self.store)?;
+        let index = meta.last_log_id.map(|l| l.index()).unwrap_or(0);
+        self.applied.send_replace(index);
+        tracing::info!(
+            last_log_id = ?meta.last_log_id,
+            bytes = facts.bytes,
+            records = facts.records,
+            revision = self.counters.revision,
+            "installed snapshot"
+        );
+        (self.hooks.snapshot_installed)(facts.bytes, started.elapsed());
+        // Watchers re-read what changed from the store: there are no per-entry events here.
+        (self.hooks.events)(self.counters.revision, &[]);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<openraft::alias::CommittedLeaderIdOf<TypeConfig>, u64, super::types::MemberNode, SnapshotFile>>, io::Error> {
+        let Some(path) = list_snapshots(&self.dir)?.pop() else {
+            return Ok(None);
+        };
+        let meta_bytes = match std::fs::read(path.with_extension("meta")) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(Some(Snapshot {
+            meta: decode(&meta_bytes)?,
+            snapshot: SnapshotFile { path },
+        }))
+    }
+}
+
+impl StateMachine {
+    fn none_response(&self) -> ApplyResponse {
+        ApplyResponse {
+            revision: self.counters.revision,
+            result: Ok(ApplyOutput::None),
+        }
+    }
+}
+
+pub struct SnapshotBuilder {
+    store: Store,
+    dir: PathBuf,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(
+        &mut self,
+    ) -> Result<Snapshot<openraft::alias::CommittedLeaderIdOf<TypeConfig>, u64, super::types::MemberNode, SnapshotFile>, io::Error> {
+        let store = self.store.clone();
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || -> io::Result<_> {
+            let started = std::time::Instant::now();
+            let tmp = dir.join(format!("build-{:016x}", rand::random::<u64>()));
+            let facts = snapshot::build(&store, &tmp)?;
+            let last_log_id: Option<LogId> = match &facts.applied {
+                Some(b) => decode(b)?,
+                None => None,
+            };
+            let last_membership: StoredMembership = match &facts.membership {
+                Some(b) => decode(b)?,
+                None => StoredMembership::default(),
+            };
+            let meta = SnapshotMeta {
+                last_log_id,
+                last_membership,
+            };
+            let path = keep_as_current(&dir, &meta, &tmp)?;
+            tracing::info!(
+                last_log_id = ?meta.last_log_id,
+                bytes = facts.bytes,
+                records = facts.records,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "built snapshot"
+            );
+            Ok(Snapshot {
+                meta,
+                snapshot: SnapshotFile { path },
+            })
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+}

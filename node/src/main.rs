@@ -1,0 +1,100 @@
+//! The `raftkv` binary: `serve` runs one member, `dev` a local cluster, `keyring` manages
+//! encryption keyrings.
+
+use clap::{Parser, Subcommand};
+use raftkv::crypto::Keyring;
+use raftkv::telemetry::{self, LogFormat};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "raftkv", version, about = "A Raft-replicated, encrypted key-value store that speaks the etcd v3 API")]
+struct Cli {
+    /// Log format.
+    #[arg(long, env = "RAFTKV_LOG_FORMAT", value_enum, default_value = "human", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one member of a cluster.
+    Serve(Box<raftkv::config::ServeArgs>),
+    /// Run a local cluster on loopback (secure by default) and keep serving until Ctrl-C.
+    Dev(raftkv::dev::DevArgs),
+    /// Create and rotate encryption keyrings.
+    #[command(subcommand)]
+    Keyring(KeyringCmd),
+}
+
+#[derive(Subcommand)]
+enum KeyringCmd {
+    /// Write a new keyring with one random key.
+    New { file: PathBuf },
+    /// Add a random key to a keyring and make it the active one.
+    Rotate { file: PathBuf },
+    /// Remove a key that is no longer active (after re-encrypting what it sealed).
+    Remove {
+        file: PathBuf,
+        #[arg(long)]
+        id: u32,
+    },
+}
+
+fn keyring(cmd: KeyringCmd) -> Result<(), String> {
+    match cmd {
+        KeyringCmd::New { file } => {
+            if file.exists() {
+                return Err(format!("{} exists; refusing to overwrite a keyring", file.display()));
+            }
+            Keyring::generate().save(&file).map_err(|e| e.to_string())?;
+            println!("wrote {} with key 1 active", file.display());
+        }
+        KeyringCmd::Rotate { file } => {
+            let mut k = Keyring::load(&file).map_err(|e| e.to_string())?;
+            let id = k.rotate();
+            k.save(&file).map_err(|e| e.to_string())?;
+            println!("added key {id} to {} and made it active", file.display());
+        }
+        KeyringCmd::Remove { file, id } => {
+            let mut k = Keyring::load(&file).map_err(|e| e.to_string())?;
+            k.remove(id)?;
+            k.save(&file).map_err(|e| e.to_string())?;
+            println!("removed key {id} from {}", file.display());
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let result: Result<(), String> = match cli.command {
+        Cmd::Keyring(k) => keyring(k),
+        cmd => {
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("raftkv: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(async move {
+                match cmd {
+                    Cmd::Serve(args) => raftkv::server::run(*args).await.map_err(|e| e.to_string()),
+                    Cmd::Dev(args) => raftkv::dev::run(args).await,
+                    Cmd::Keyring(_) => Ok(()),
+                }
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("raftkv: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

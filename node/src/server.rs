@@ -1,0 +1,491 @@
+//! Runs one member: opens its data directory and database, starts Raft, the peer port, the client
+//! port (etcd API) and the metrics port, bootstraps a new cluster when it is this member's job,
+//! and shuts down cleanly on SIGINT/SIGTERM.
+
+use crate::api::{self, Api, ApiInner, Limits};
+use crate::apply::{self, Executor};
+use crate::auth::Authenticator;
+use crate::auth::jwt::JwtConfig;
+use crate::bootstrap::DataDir;
+use crate::config::{ClusterState, ServeArgs, parse_initial_cluster};
+use crate::consensus::{ApplyHooks, Consensus, ConsensusConfig, MemberNode, MembershipChange};
+use crate::crypto::{Keyring, Sealer};
+use crate::metrics::{self, Metrics, ReadinessPolicy};
+use crate::model::{AuthCommand, Command};
+use crate::storage::Store;
+use crate::tls;
+use raftkv_proto::etcdserverpb::auth_server::AuthServer;
+use raftkv_proto::etcdserverpb::cluster_server::ClusterServer;
+use raftkv_proto::etcdserverpb::kv_server::KvServer;
+use raftkv_proto::etcdserverpb::lease_server::LeaseServer;
+use raftkv_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use raftkv_proto::etcdserverpb::watch_server::WatchServer;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Identity(#[from] crate::bootstrap::IdentityError),
+    #[error("opening the database: {0}")]
+    Storage(#[from] crate::storage::StorageError),
+    #[error("encryption: {0}")]
+    Keyring(#[from] crate::crypto::KeyringError),
+    #[error("authentication: {0}")]
+    Jwt(#[from] crate::auth::jwt::JwtSetupError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("server: {0}")]
+    Serve(String),
+}
+
+/// Checks that the keyring can read everything the data was encrypted with.
+fn check_keyring(store: &Store, sealer: &Sealer, keyring_file: Option<&std::path::Path>) -> Result<(), NodeError> {
+    let in_use = apply::keys_in_use(store)?;
+    if in_use.is_empty() {
+        return Ok(());
+    }
+    let Some(ring) = sealer.keyring() else {
+        return Err(NodeError::Config(format!(
+            "the data is encrypted (with key ids {:?}) but no --encryption-keyring-file is configured",
+            in_use.iter().map(|(id, _)| id).collect::<Vec<_>>()
+        )));
+    };
+    let file = keyring_file
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    for (id, fp) in in_use {
+        match ring.get(id) {
+            None => {
+                return Err(NodeError::Config(format!(
+                    "the data contains values encrypted with key {id}, which is missing from the keyring {file}; \
+                     restore that key (or re-encrypt with it present) before starting"
+                )));
+            }
+            Some(k) if k.fingerprint != fp => {
+                return Err(NodeError::Config(format!(
+                    "key {id} in the keyring {file} is not the key the data was encrypted with \
+                     (fingerprint {} expected, {} found); refusing to start",
+                    hex::encode(fp),
+                    hex::encode(k.fingerprint)
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+async fn listen(addr: &str) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(addr).await.map_err(|source| NodeError::Listen {
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+/// Runs the member until a shutdown signal.
+pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
+    if args.id == 0 {
+        return Err(NodeError::Config("--id must be a positive integer".into()));
+    }
+    let initial = parse_initial_cluster(&args.initial_cluster, args.peer_tls()).map_err(NodeError::Config)?;
+    if args.initial_cluster_state == ClusterState::New && !initial.iter().any(|(id, _)| *id == args.id) {
+        return Err(NodeError::Config(format!(
+            "--initial-cluster must name this member ({}) when forming a new cluster",
+            args.id
+        )));
+    }
+    let data = DataDir::claim(&args.data_dir, &args.cluster_token, args.id)?;
+    let cluster_id = data.identity.cluster_id;
+
+    let sealer = match &args.encryption_keyring_file {
+        Some(p) => Sealer::new(Keyring::load(p)?, Some(p.clone()), args.encryption_key_usage_limit),
+        None => Sealer::disabled(),
+    };
+    let jwt = JwtConfig {
+        hs256_secret_file: args.jwt_secret_file.clone(),
+        rs256_public_key_file: args.jwt_rs256_public_key_file.clone(),
+        es256_public_key_file: args.jwt_es256_public_key_file.clone(),
+        signing_key_file: args.jwt_signing_key_file.clone(),
+        issuer: args.jwt_issuer.clone(),
+        audience: args.jwt_audience.clone(),
+        leeway_seconds: args.jwt_leeway_seconds,
+        token_ttl: Duration::from_secs(args.token_ttl_seconds),
+    };
+    let authn = Authenticator::new(&jwt)?;
+
+    let store = Store::open(&data.db_path())?;
+    check_keyring(&store, &sealer, args.encryption_keyring_file.as_deref())?;
+
+    let metrics = Arc::new(Metrics::new(args.id));
+    {
+        let m = metrics.clone();
+        store.set_sync_observer(Arc::new(move |d, n| {
+            m.fsync_seconds.observe(d.as_secs_f64());
+            m.fsync_batch.observe(n as f64);
+        }));
+    }
+    let watches = api::watch::WatchHub::default();
+    let hooks = {
+        let ok = metrics.applied_ok.clone();
+        let refused = metrics.applied_refused.clone();
+        let installs = metrics.snapshot_installs.clone();
+        let install_secs = metrics.snapshot_install_seconds.clone();
+        ApplyHooks {
+            events: watches.sink(),
+            outcome: Arc::new(move |good| if good { ok.inc() } else { refused.inc() }),
+            snapshot_installed: Arc::new(move |_, d| {
+                installs.inc();
+                install_secs.observe(d.as_secs_f64());
+            }),
+        }
+    };
+    let peer_tls = match (&args.peer_cert_file, &args.peer_key_file, &args.peer_trusted_ca_file) {
+        (Some(c), Some(k), Some(ca)) => Some((tls::peer_client(c, k, ca)?, tls::server(c, k, Some(ca))?)),
+        _ => None,
+    };
+    let consensus = Consensus::start(
+        ConsensusConfig {
+            node_id: args.id,
+            cluster_id,
+            heartbeat_interval: args.heartbeat(),
+            election_timeout: args.election_timeout(),
+            snapshot_threshold: args.snapshot_threshold,
+            snapshot_log_keep: args.snapshot_log_keep,
+            request_timeout: Duration::from_millis(args.request_timeout_ms),
+            peer_tls: peer_tls.as_ref().map(|(c, _)| c.clone()),
+        },
+        store.clone(),
+        Executor::new(Arc::new(sealer.clone())),
+        hooks,
+    )
+    .await
+    .map_err(NodeError::Raft)?;
+
+    // Peer port first: other members may be waiting for us.
+    let peer_listener = listen(&args.listen_peer).await?;
+    let mut peer_server = Server::builder();
+    if let Some((_, server_tls)) = &peer_tls {
+        peer_server = peer_server
+            .tls_config(server_tls.clone())
+            .map_err(|e| NodeError::Serve(format!("peer TLS: {e}")))?;
+    }
+    let shutdown = Arc::new(tokio::sync::Notify::new());
+    let peer_task = {
+        let router = peer_server.add_service(consensus.peer_service().into_server());
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(peer_listener);
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(incoming, async move { stop.notified().await })
+                .await
+        })
+    };
+
+    let me = MemberNode {
+        name: args.name(),
+        peer_url: args.advertised_peer_url(),
+        client_urls: args.advertised_client_urls(),
+    };
+    let mut data = data;
+    if args.initial_cluster_state == ClusterState::New
+        && !data.identity.initialized
+        && initial.iter().map(|(id, _)| *id).min() == Some(args.id)
+    {
+        if consensus.is_initialized().await {
+            tracing::info!("raft state already present; not initializing");
+        } else {
+            let members: BTreeMap<u64, MemberNode> = initial
+                .iter()
+                .map(|(id, url)| {
+                    let node = if *id == args.id {
+                        me.clone()
+                    } else {
+                        MemberNode {
+                            name: String::new(),
+                            peer_url: url.clone(),
+                            client_urls: Vec::new(),
+                        }
+                    };
+                    (*id, node)
+                })
+                .collect();
+            consensus.initialize(members).await.map_err(NodeError::Raft)?;
+            tracing::info!(cluster = %format!("{cluster_id:x}"), members = initial.len(), "initialized a new cluster");
+        }
+        data.identity.initialized = true;
+        data.save()?;
+    }
+
+    let limits = Limits {
+        max_request_bytes: args.max_request_bytes,
+        max_txn_ops: args.max_txn_ops,
+        quota_bytes: args.quota_backend_bytes,
+    };
+    let leases = api::lease::LeaseKeeper::new(consensus.clone(), args.election_timeout());
+    consensus.set_leader_handler(leases.leader_handler());
+    let api = Api::new(ApiInner {
+        consensus: consensus.clone(),
+        authn: authn.clone(),
+        sealer: sealer.clone(),
+        limits: limits.clone(),
+        watches,
+        leases: leases.clone(),
+        metrics: metrics.clone(),
+        nospace: AtomicBool::new(false),
+        client_urls: me.client_urls.clone(),
+        name: me.name.clone(),
+    });
+    tokio::spawn(leases.run_expiry(api.clone()));
+
+    // Client port.
+    let client_listener = listen(&args.listen_client).await?;
+    let mut client_server = Server::builder().tcp_nodelay(true);
+    if let (Some(c), Some(k)) = (&args.client_cert_file, &args.client_key_file) {
+        let cfg = tls::server(c, k, args.client_trusted_ca_file.as_deref())?;
+        client_server = client_server
+            .tls_config(cfg)
+            .map_err(|e| NodeError::Serve(format!("client TLS: {e}")))?;
+    }
+    let max_msg = limits.max_request_bytes + 512 * 1024;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let policy = ReadinessPolicy {
+        max_leader_silence: args.election_timeout() * 3,
+        max_apply_lag: args.ready_max_apply_lag,
+    };
+    let client_task = {
+        let router = client_server
+            .layer(api::edge::EdgeLayer::new(authn.clone(), metrics.clone()))
+            .add_service(health_service)
+            .add_service(
+                KvServer::new(api::kv::KvService::new(api.clone()))
+                    .max_decoding_message_size(max_msg)
+                    .max_encoding_message_size(usize::MAX),
+            )
+            .add_service(
+                WatchServer::new(api::watch::WatchService::new(
+                    api.clone(),
+                    Duration::from_secs(args.watch_progress_interval_seconds.max(1)),
+                ))
+                .max_decoding_message_size(max_msg)
+                .max_encoding_message_size(usize::MAX),
+            )
+            .add_service(LeaseServer::new(api::lease::LeaseService::new(api.clone())))
+            .add_service(ClusterServer::new(api::cluster::ClusterService::new(api.clone())))
+            .add_service(
+                MaintenanceServer::new(api::maintenance::MaintenanceService::new(api.clone()))
+                    .max_encoding_message_size(usize::MAX),
+            )
+            .add_service(AuthServer::new(api::auth::AuthService::new(api.clone())));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(client_listener);
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(incoming, async move { stop.notified().await })
+                .await
+        })
+    };
+
+    // Metrics port.
+    let metrics_listener = listen(&args.listen_metrics).await?;
+    let metrics_task = {
+        let app = metrics::router(metrics.clone(), consensus.clone(), policy.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            axum::serve(metrics_listener, app)
+                .with_graceful_shutdown(async move { stop.notified().await })
+                .await
+        })
+    };
+
+    tracing::info!(
+        member = args.id,
+        name = %me.name,
+        cluster = %format!("{cluster_id:x}"),
+        client = %me.client_urls.join(","),
+        peer = %me.peer_url,
+        metrics = %args.listen_metrics,
+        encryption = sealer.enabled(),
+        "raftkv member started"
+    );
+
+    tokio::spawn(health_loop(consensus.clone(), policy, health_reporter));
+    tokio::spawn(publish_attributes(consensus.clone(), me.clone()));
+    tokio::spawn(quota_loop(api.clone()));
+    if args.encryption_keyring_file.is_some() {
+        tokio::spawn(keyring_reload_loop(sealer.clone()));
+    }
+    if let Some(pw_file) = &args.initial_root_password_file
+        && data.identity.initialized
+        && !data.identity.root_seeded
+    {
+        match seed_root(&api, pw_file).await {
+            Ok(()) => {
+                data.identity.root_seeded = true;
+                data.save()?;
+            }
+            Err(e) => tracing::error!(error = %e, "creating the initial root user failed; it will be retried at the next start"),
+        }
+    }
+
+    wait_for_signal().await;
+    tracing::info!(member = args.id, "shutting down");
+    shutdown.notify_waiters();
+    consensus.shutdown().await;
+    for (name, task) in [("peer", peer_task), ("client", client_task)] {
+        match tokio::time::timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(port = name, error = %e, "server ended with an error"),
+            Ok(Err(e)) => tracing::warn!(port = name, error = %e, "server task failed"),
+            Err(_) => tracing::warn!(port = name, "server did not stop in time"),
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), metrics_task).await;
+    store.sync_wal()?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        match term {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Keeps the gRPC health status in line with readiness.
+async fn health_loop(consensus: Consensus, policy: ReadinessPolicy, reporter: tonic_health::server::HealthReporter) {
+    let mut last: Option<bool> = None;
+    loop {
+        let ready = metrics::not_ready_reason(&consensus, &policy).is_none();
+        if last != Some(ready) {
+            let status = if ready {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+            last = Some(ready);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Makes the cluster's record of this member (name, URLs) match how it runs now.
+async fn publish_attributes(consensus: Consensus, me: MemberNode) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let s = consensus.status();
+        let Some(current) = s.nodes.get(&consensus.id()) else {
+            continue;
+        };
+        if *current == me || s.leader.is_none() {
+            if *current == me {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            continue;
+        }
+        match consensus
+            .change_membership(MembershipChange::UpdateNode {
+                id: consensus.id(),
+                node: me.clone(),
+            })
+            .await
+        {
+            Ok(()) => tracing::info!(name = %me.name, client = %me.client_urls.join(","), "published member attributes"),
+            Err(e) => tracing::debug!(error = %e, "publishing member attributes; will retry"),
+        }
+    }
+}
+
+/// Raises etcd's NOSPACE alarm while the database is over quota.
+async fn quota_loop(api: Api) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let size = api.consensus.store().disk_size();
+        if size > api.limits.quota_bytes && !api.nospace.swap(true, Ordering::Relaxed) {
+            tracing::warn!(size, quota = api.limits.quota_bytes, "database over quota: writes refused (NOSPACE alarm)");
+        }
+    }
+}
+
+/// Picks up keyring changes (a rotated Kubernetes Secret) without a restart.
+async fn keyring_reload_loop(sealer: Sealer) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        match sealer.reload() {
+            Ok(true) => tracing::info!(active = ?sealer.active_key().map(|k| k.0), "keyring reloaded"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "keyring file unreadable; keeping the current keyring"),
+        }
+    }
+}
+
+/// Creates the `root` user (with the root role) a new cluster starts with.
+async fn seed_root(api: &Api, password_file: &std::path::Path) -> Result<(), String> {
+    let password = std::fs::read_to_string(password_file)
+        .map_err(|e| format!("reading {}: {e}", password_file.display()))?
+        .trim()
+        .to_string();
+    if password.is_empty() {
+        return Err(format!("{} is empty", password_file.display()));
+    }
+    let hash = tokio::task::spawn_blocking(move || crate::auth::password::hash(&password))
+        .await
+        .map_err(|e| e.to_string())??;
+    for cmd in [
+        AuthCommand::UserAdd {
+            name: "root".into(),
+            password_hash: Some(hash),
+        },
+        AuthCommand::UserGrantRole {
+            user: "root".into(),
+            role: "root".into(),
+        },
+        AuthCommand::Enable,
+    ] {
+        let mut attempts = 0;
+        loop {
+            match api.propose(None, None, Command::Auth(cmd.clone())).await {
+                Ok(_) => break,
+                Err(s) if s.message().contains("already exists") => break,
+                Err(s) if attempts < 20 => {
+                    attempts += 1;
+                    tracing::debug!(error = %s.message(), "seeding root user; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(s) => return Err(s.message().to_string()),
+            }
+        }
+    }
+    tracing::info!("created the initial root user");
+    Ok(())
+}

@@ -1,0 +1,434 @@
+//! The replicated users and roles (etcd's auth store), kept in the state machine so that every
+//! replica evaluates permissions against the same definitions at the same log position.
+//!
+//! Role `root` is built in: it grants every key and the administrative operations. A principal's
+//! roles are those named by its token plus those granted to the user of the same name.
+
+use super::mvcc::{Authorizer, ReadView};
+use super::{CF_META, Result, Store};
+use crate::model::{ApplyError, AuthCommand, AuthErrorCode, PermType, Permission, Principal, key_interval};
+use rocksdb::WriteBatch;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+pub const ROOT: &str = "root";
+const ENABLED: &[u8] = b"auth/enabled";
+const REVISION: &[u8] = b"auth/rev";
+const USER_PREFIX: &[u8] = b"auth/user/";
+const ROLE_PREFIX: &[u8] = b"auth/role/";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct User {
+    pub name: String,
+    /// bcrypt hash; None for users created without a password (token-only).
+    pub password_hash: Option<String>,
+    pub roles: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Role {
+    pub name: String,
+    pub perms: Vec<Permission>,
+}
+
+fn user_key(name: &str) -> Vec<u8> {
+    [USER_PREFIX, name.as_bytes()].concat()
+}
+
+fn role_key(name: &str) -> Vec<u8> {
+    [ROLE_PREFIX, name.as_bytes()].concat()
+}
+
+fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    postcard::to_stdvec(v).map_err(|e| super::StorageError::Other(format!("encode: {e}")))
+}
+
+fn dec<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T> {
+    postcard::from_bytes(b).map_err(|_| super::codec::CorruptRecord("auth record").into())
+}
+
+fn failed(message: &str) -> ApplyError {
+    ApplyError::Auth {
+        code: AuthErrorCode::FailedPrecondition,
+        message: message.to_string(),
+    }
+}
+
+fn invalid(message: &str) -> ApplyError {
+    ApplyError::Auth {
+        code: AuthErrorCode::InvalidArgument,
+        message: message.to_string(),
+    }
+}
+
+/// Read access to the auth state, from a read view or from the live database.
+pub trait AuthSource {
+    fn auth_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    fn auth_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+
+    fn enabled(&self) -> Result<bool> {
+        Ok(self.auth_meta(ENABLED)?.map(|v| v == [1]).unwrap_or(true))
+    }
+
+    fn auth_revision(&self) -> Result<u64> {
+        Ok(self
+            .auth_meta(REVISION)?
+            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(1))
+    }
+
+    fn user(&self, name: &str) -> Result<Option<User>> {
+        self.auth_meta(&user_key(name))?.map(|b| dec(&b)).transpose()
+    }
+
+    fn role(&self, name: &str) -> Result<Option<Role>> {
+        self.auth_meta(&role_key(name))?.map(|b| dec(&b)).transpose()
+    }
+
+    fn users(&self) -> Result<Vec<String>> {
+        Ok(self
+            .auth_prefix(USER_PREFIX)?
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k[USER_PREFIX.len()..]).into_owned())
+            .collect())
+    }
+
+    fn roles(&self) -> Result<Vec<String>> {
+        Ok(self
+            .auth_prefix(ROLE_PREFIX)?
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k[ROLE_PREFIX.len()..]).into_owned())
+            .collect())
+    }
+
+    /// What a principal may do now. With role checks disabled (etcd's `auth disable`), every
+    /// authenticated principal may do everything.
+    fn grants(&self, principal: Option<&Principal>) -> Result<Grants> {
+        if !self.enabled()? {
+            return Ok(Grants::all());
+        }
+        let Some(p) = principal else {
+            // Internal proposals (no principal) are made by the node itself.
+            return Ok(Grants::all());
+        };
+        let mut roles: BTreeSet<String> = p.roles.iter().cloned().collect();
+        if let Some(u) = self.user(&p.name)? {
+            roles.extend(u.roles);
+        }
+        let mut g = Grants::default();
+        for r in roles {
+            if r == ROOT {
+                g.root = true;
+                continue;
+            }
+            if let Some(role) = self.role(&r)? {
+                for perm in role.perms {
+                    let iv = key_interval(&perm.key, &perm.range_end);
+                    if matches!(perm.perm_type, PermType::Read | PermType::ReadWrite) {
+                        g.read.push(iv.clone());
+                    }
+                    if matches!(perm.perm_type, PermType::Write | PermType::ReadWrite) {
+                        g.write.push(iv);
+                    }
+                }
+            }
+        }
+        Ok(g)
+    }
+}
+
+impl AuthSource for ReadView<'_> {
+    fn auth_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.meta(key)
+    }
+    fn auth_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.meta_prefix(prefix)
+    }
+}
+
+impl AuthSource for Store {
+    fn auth_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db().get_cf(self.cf(CF_META)?, key)?)
+    }
+    fn auth_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        super::mvcc::meta_prefix(self, rocksdb::ReadOptions::default(), prefix)
+    }
+}
+
+type Interval = (Vec<u8>, Option<Vec<u8>>);
+
+/// The key ranges a principal may read and write, and whether it is an administrator.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grants {
+    pub root: bool,
+    read: Vec<Interval>,
+    write: Vec<Interval>,
+}
+
+impl Grants {
+    pub fn all() -> Grants {
+        Grants {
+            root: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// True if the union of `granted` covers `[start, end)` (None = unbounded).
+fn covered(granted: &[Interval], start: &[u8], end: Option<&[u8]>) -> bool {
+    let mut sorted: Vec<&Interval> = granted.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    // Walk the merged intervals looking for one that reaches from `start` to `end`.
+    let mut reach: Option<Option<&[u8]>> = None; // Some(None) = unbounded
+    let mut reach_start: &[u8] = &[];
+    for (s, e) in sorted {
+        let e = e.as_deref();
+        match reach {
+            Some(r) if r.map(|r| s.as_slice() <= r).unwrap_or(true) => {
+                // Overlapping or touching: extend.
+                let extended = match (r, e) {
+                    (None, _) | (_, None) => None,
+                    (Some(a), Some(b)) => Some(if a > b { a } else { b }),
+                };
+                reach = Some(extended);
+            }
+            _ => {
+                if let Some(r) = reach
+                    && reach_start <= start
+                    && ends_cover(r, end)
+                {
+                    return true;
+                }
+                reach_start = s;
+                reach = Some(e);
+            }
+        }
+    }
+    match reach {
+        Some(r) => reach_start <= start && ends_cover(r, end),
+        None => false,
+    }
+}
+
+fn ends_cover(have: Option<&[u8]>, need: Option<&[u8]>) -> bool {
+    match (have, need) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(h), Some(n)) => h >= n,
+    }
+}
+
+impl Authorizer for Grants {
+    fn permits(&self, perm: PermType, key: &[u8], range_end: &[u8]) -> bool {
+        if self.root {
+            return true;
+        }
+        let (start, end) = key_interval(key, range_end);
+        let granted = match perm {
+            PermType::Read => &self.read,
+            PermType::Write => &self.write,
+            PermType::ReadWrite => {
+                return covered(&self.read, &start, end.as_deref())
+                    && covered(&self.write, &start, end.as_deref());
+            }
+        };
+        covered(granted, &start, end.as_deref())
+    }
+}
+
+/// Applies one auth change with etcd's rules, staging it into `batch`.
+pub fn apply(
+    store: &Store,
+    batch: &mut WriteBatch,
+    cmd: &AuthCommand,
+) -> Result<std::result::Result<(), ApplyError>> {
+    let meta = store.cf(CF_META)?;
+    let enabled = store.enabled()?;
+    let outcome: std::result::Result<(), ApplyError> = match cmd {
+        AuthCommand::Enable => match store.user(ROOT)? {
+            None => Err(failed("etcdserver: root user does not exist")),
+            Some(u) if !u.roles.contains(ROOT) => {
+                Err(failed("etcdserver: root user does not have root role"))
+            }
+            Some(_) => {
+                batch.put_cf(meta, ENABLED, [1]);
+                Ok(())
+            }
+        },
+        AuthCommand::Disable => {
+            batch.put_cf(meta, ENABLED, [0]);
+            Ok(())
+        }
+        AuthCommand::UserAdd {
+            name,
+            password_hash,
+        } => {
+            if store.user(name)?.is_some() {
+                Err(failed("etcdserver: user name already exists"))
+            } else {
+                let u = User {
+                    name: name.clone(),
+                    password_hash: password_hash.clone(),
+                    roles: BTreeSet::new(),
+                };
+                batch.put_cf(meta, user_key(name), enc(&u)?);
+                Ok(())
+            }
+        }
+        AuthCommand::UserDelete { name } => {
+            if enabled && name == ROOT {
+                Err(invalid("etcdserver: invalid auth management"))
+            } else if store.user(name)?.is_none() {
+                Err(failed("etcdserver: user name not found"))
+            } else {
+                batch.delete_cf(meta, user_key(name));
+                Ok(())
+            }
+        }
+        AuthCommand::UserChangePassword {
+            name,
+            password_hash,
+        } => match store.user(name)? {
+            None => Err(failed("etcdserver: user name not found")),
+            Some(mut u) => {
+                u.password_hash = Some(password_hash.clone());
+                batch.put_cf(meta, user_key(name), enc(&u)?);
+                Ok(())
+            }
+        },
+        AuthCommand::UserGrantRole { user, role } => match store.user(user)? {
+            None => Err(failed("etcdserver: user name not found")),
+            Some(mut u) => {
+                if role != ROOT && store.role(role)?.is_none() {
+                    Err(failed("etcdserver: role name not found"))
+                } else {
+                    u.roles.insert(role.clone());
+                    batch.put_cf(meta, user_key(user), enc(&u)?);
+                    Ok(())
+                }
+            }
+        },
+        AuthCommand::UserRevokeRole { user, role } => match store.user(user)? {
+            None => Err(failed("etcdserver: user name not found")),
+            Some(mut u) => {
+                if enabled && user == ROOT && role == ROOT {
+                    Err(invalid("etcdserver: invalid auth management"))
+                } else if !u.roles.remove(role) {
+                    Err(failed("etcdserver: role is not granted to the user"))
+                } else {
+                    batch.put_cf(meta, user_key(user), enc(&u)?);
+                    Ok(())
+                }
+            }
+        },
+        AuthCommand::RoleAdd { name } => {
+            if store.role(name)?.is_some() {
+                Err(failed("etcdserver: role name already exists"))
+            } else {
+                let r = Role {
+                    name: name.clone(),
+                    perms: vec![],
+                };
+                batch.put_cf(meta, role_key(name), enc(&r)?);
+                Ok(())
+            }
+        }
+        AuthCommand::RoleDelete { name } => {
+            if enabled && name == ROOT {
+                Err(invalid("etcdserver: invalid auth management"))
+            } else if store.role(name)?.is_none() {
+                Err(failed("etcdserver: role name not found"))
+            } else {
+                batch.delete_cf(meta, role_key(name));
+                for uname in store.users()? {
+                    if let Some(mut u) = store.user(&uname)?
+                        && u.roles.remove(name)
+                    {
+                        batch.put_cf(meta, user_key(&uname), enc(&u)?);
+                    }
+                }
+                Ok(())
+            }
+        }
+        AuthCommand::RoleGrantPermission { name, perm } => match store.role(name)? {
+            None => Err(failed("etcdserver: role name not found")),
+            Some(mut r) => {
+                match r
+                    .perms
+                    .iter_mut()
+                    .find(|p| p.key == perm.key && p.range_end == perm.range_end)
+                {
+                    Some(existing) => existing.perm_type = perm.perm_type,
+                    None => {
+                        r.perms.push(perm.clone());
+                        r.perms.sort_by(|a, b| a.key.cmp(&b.key));
+                    }
+                }
+                batch.put_cf(meta, role_key(name), enc(&r)?);
+                Ok(())
+            }
+        },
+        AuthCommand::RoleRevokePermission {
+            name,
+            key,
+            range_end,
+        } => match store.role(name)? {
+            None => Err(failed("etcdserver: role name not found")),
+            Some(mut r) => {
+                let before = r.perms.len();
+                r.perms
+                    .retain(|p| !(p.key == *key && p.range_end == *range_end));
+                if r.perms.len() == before {
+                    Err(failed("etcdserver: permission is not granted to the role"))
+                } else {
+                    batch.put_cf(meta, role_key(name), enc(&r)?);
+                    Ok(())
+                }
+            }
+        },
+    };
+    if outcome.is_ok() {
+        let next = store.auth_revision()? + 1;
+        batch.put_cf(meta, REVISION, next.to_be_bytes());
+    }
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iv(k: &str, e: &str) -> Interval {
+        key_interval(k.as_bytes(), e.as_bytes())
+    }
+
+    #[test]
+    fn coverage_merges_adjacent_grants() {
+        let g = vec![iv("a", "c"), iv("c", "e")];
+        assert!(covered(&g, b"a", Some(b"e")));
+        assert!(covered(&g, b"b", Some(b"d")));
+        assert!(!covered(&g, b"a", Some(b"f")));
+        assert!(!covered(&g, b"0", Some(b"b")));
+        let from = vec![iv("m", "\0")];
+        assert!(covered(&from, b"x", None));
+        assert!(!covered(&from, b"a", None));
+        let gap = vec![iv("a", "b"), iv("c", "d")];
+        assert!(!covered(&gap, b"a", Some(b"d")));
+        assert!(covered(&gap, b"c", Some(b"c\0")));
+    }
+
+    #[test]
+    fn grants_follow_perm_types() {
+        let g = Grants {
+            root: false,
+            read: vec![iv("app/", "app0")],
+            write: vec![iv("app/w/", "app/w0")],
+        };
+        assert!(g.permits(PermType::Read, b"app/x", b""));
+        assert!(!g.permits(PermType::Write, b"app/x", b""));
+        assert!(g.permits(PermType::Write, b"app/w/1", b""));
+        assert!(!g.permits(PermType::Read, b"other", b""));
+        assert!(!g.permits(PermType::Read, b"app/", b"\0"));
+        assert!(Grants::all().permits(PermType::Write, b"anything", b"\0"));
+    }
+}

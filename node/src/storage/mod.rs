@@ -1,0 +1,348 @@
+//! Owns the node's RocksDB database: one database, one write-ahead log, and column families for
+//! the Raft log, the Raft state (vote, purge point) and the etcd state machine.
+//!
+//! Everything here is plain bytes and revisions. Consensus types are encoded by the consensus
+//! layer before they reach this module, and gRPC never does.
+
+pub mod auth_state;
+pub mod codec;
+pub mod mvcc;
+pub mod snapshot;
+mod syncer;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode, Options,
+    ReadOptions, WriteBatch, WriteOptions,
+};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+pub use syncer::{SyncCallback, SyncObserver};
+use syncer::WalSyncer;
+
+/// The Raft log: big-endian index -> encoded entry.
+pub const CF_LOG: &str = "raft_log";
+/// Raft's own durable state: vote, last purged log id, committed log id.
+pub const CF_RAFT: &str = "raft_state";
+/// Live keys: user key -> record of its newest revision.
+pub const CF_KV: &str = "kv";
+/// Every revision of every key (including delete tombstones) until compacted.
+pub const CF_HISTORY: &str = "kv_history";
+/// Revision -> user key: the order in which keys changed, for compaction and watch replay.
+pub const CF_REVISIONS: &str = "kv_revisions";
+/// State-machine metadata: revision counters, last applied log id, membership, auth, leases.
+pub const CF_META: &str = "sm_meta";
+
+/// The column families that make up the state machine, i.e. what a snapshot holds.
+pub const STATE_MACHINE_CFS: [&str; 4] = [CF_KV, CF_HISTORY, CF_REVISIONS, CF_META];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error(transparent)]
+    Corrupt(#[from] codec::CorruptRecord),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<StorageError> for std::io::Error {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::Io(io) => io,
+            other => std::io::Error::other(other.to_string()),
+        }
+    }
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// The node's database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: DB,
+    dir: PathBuf,
+    syncer: WalSyncer,
+    /// Readers hold it shared; installing a snapshot holds it exclusively, so that no read ever
+    /// sees a half-replaced state machine.
+    install_gate: RwLock<()>,
+}
+
+fn cf_options(cache: &Cache, point_lookups: bool) -> Options {
+    let mut o = Options::default();
+    let mut t = BlockBasedOptions::default();
+    t.set_block_cache(cache);
+    if point_lookups {
+        t.set_bloom_filter(10.0, false);
+    }
+    t.set_cache_index_and_filter_blocks(true);
+    o.set_block_based_table_factory(&t);
+    o.set_compression_type(DBCompressionType::Lz4);
+    o.set_write_buffer_size(32 << 20);
+    o
+}
+
+impl Store {
+    /// Opens (creating if needed) the database under `dir`.
+    pub fn open(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir)?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_background_jobs(2);
+        opts.set_bytes_per_sync(1 << 20);
+        opts.set_max_total_wal_size(256 << 20);
+        opts.set_keep_log_file_num(3);
+        opts.set_log_level(rocksdb::LogLevel::Warn);
+        opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+        let cache = Cache::new_lru_cache(64 << 20);
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_LOG, cf_options(&cache, false)),
+            ColumnFamilyDescriptor::new(CF_RAFT, cf_options(&cache, true)),
+            ColumnFamilyDescriptor::new(CF_KV, cf_options(&cache, true)),
+            ColumnFamilyDescriptor::new(CF_HISTORY, cf_options(&cache, false)),
+            ColumnFamilyDescriptor::new(CF_REVISIONS, cf_options(&cache, false)),
+            ColumnFamilyDescriptor::new(CF_META, cf_options(&cache, true)),
+        ];
+        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
+            if e.to_string().contains("lock") {
+                StorageError::Other(format!(
+                    "the data directory {} is in use by another raftkv process ({e})",
+                    dir.display()
+                ))
+            } else {
+                StorageError::Rocks(e)
+            }
+        })?;
+        let (syncer, rx) = WalSyncer::new();
+        let inner = Arc::new(Inner {
+            db,
+            dir: dir.to_path_buf(),
+            syncer,
+            install_gate: RwLock::new(()),
+        });
+        // The sync thread holds only a weak reference, so dropping the last Store closes the
+        // database (and releases its lock file) even while the thread is idle.
+        inner.syncer.start(Arc::downgrade(&inner), rx);
+        Ok(Store { inner })
+    }
+
+    pub(crate) fn db(&self) -> &DB {
+        &self.inner.db
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub(crate) fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
+        self.inner
+            .db
+            .cf_handle(name)
+            .ok_or_else(|| StorageError::Other(format!("column family {name} missing")))
+    }
+
+    /// Makes everything written so far durable with one fsync of the write-ahead log.
+    pub fn sync_wal(&self) -> Result<()> {
+        self.inner.db.flush_wal(true)?;
+        Ok(())
+    }
+
+    /// Runs `cb` once everything written before this call is durable. Calls arriving while an
+    /// fsync is in progress share the next one (group commit).
+    pub fn after_sync(&self, cb: SyncCallback) {
+        self.inner
+            .syncer
+            .submit(cb, || self.inner.db.flush_wal(true).map_err(|e| e.to_string()));
+    }
+
+    /// Registers the observer of fsync durations and batch sizes.
+    pub fn set_sync_observer(&self, obs: SyncObserver) {
+        self.inner.syncer.set_observer(obs);
+    }
+
+    /// The shared read gate; see `Inner::install_gate`.
+    pub(crate) fn read_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.inner
+            .install_gate
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn write_gate(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.inner
+            .install_gate
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    // ---- Raft log ----
+
+    /// Appends encoded entries. They are readable on return and durable once `after_sync` fires.
+    pub fn append_log<'a>(&self, entries: impl IntoIterator<Item = (u64, &'a [u8])>) -> Result<()> {
+        let cf = self.cf(CF_LOG)?;
+        let mut batch = WriteBatch::default();
+        for (index, data) in entries {
+            batch.put_cf(cf, index.to_be_bytes(), data);
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        self.inner.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Reads encoded entries with index in `[start, end)`.
+    pub fn read_log(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        let cf = self.cf(CF_LOG)?;
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end.to_be_bytes());
+        let it = self.inner.db.iterator_cf_opt(
+            cf,
+            ro,
+            IteratorMode::From(&start.to_be_bytes(), rocksdb::Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in it {
+            let (k, v) = item?;
+            out.push((decode_index(&k)?, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The last entry of the log, if any.
+    pub fn last_log(&self) -> Result<Option<(u64, Vec<u8>)>> {
+        let cf = self.cf(CF_LOG)?;
+        let mut it = self.inner.db.iterator_cf(cf, IteratorMode::End);
+        match it.next() {
+            Some(item) => {
+                let (k, v) = item?;
+                Ok(Some((decode_index(&k)?, v.to_vec())))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Removes entries with index >= `from` (a conflicting suffix). Durable before returning,
+    /// because openraft may immediately append a replacement.
+    pub fn truncate_log_from(&self, from: u64) -> Result<()> {
+        let cf = self.cf(CF_LOG)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(cf, from.to_be_bytes(), u64::MAX.to_be_bytes());
+        batch.delete_cf(cf, u64::MAX.to_be_bytes());
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.inner.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Removes entries with index <= `upto`, recording `purged_marker` (the encoded last purged
+    /// log id) in the same atomic write.
+    pub fn purge_log_upto(&self, upto: u64, purged_key: &[u8], purged_marker: &[u8]) -> Result<()> {
+        let cf = self.cf(CF_LOG)?;
+        let raft = self.cf(CF_RAFT)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(raft, purged_key, purged_marker);
+        batch.delete_range_cf(cf, 0u64.to_be_bytes(), (upto.saturating_add(1)).to_be_bytes());
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        self.inner.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    // ---- Raft state ----
+
+    pub fn put_raft_state(&self, key: &[u8], value: &[u8], sync: bool) -> Result<()> {
+        let cf = self.cf(CF_RAFT)?;
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.inner.db.put_cf_opt(cf, key, value, &wo)?;
+        Ok(())
+    }
+
+    pub fn get_raft_state(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let cf = self.cf(CF_RAFT)?;
+        Ok(self.inner.db.get_cf(cf, key)?)
+    }
+
+    /// Compacts every column family fully (etcd's defragment): reclaims space from deleted and
+    /// compacted data.
+    pub fn compact_all(&self) -> Result<()> {
+        for name in [CF_LOG, CF_RAFT, CF_KV, CF_HISTORY, CF_REVISIONS, CF_META] {
+            let cf = self.cf(name)?;
+            self.inner
+                .db
+                .compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        }
+        Ok(())
+    }
+
+    // ---- sizes, for Status and metrics ----
+
+    /// Bytes the database occupies on disk (SST files, write-ahead log, manifests).
+    pub fn disk_size(&self) -> u64 {
+        dir_size(&self.inner.dir)
+    }
+
+    /// Bytes of live data in SST files and memtables across column families.
+    pub fn live_data_size(&self) -> u64 {
+        let mut total = 0;
+        for name in [CF_LOG, CF_RAFT, CF_KV, CF_HISTORY, CF_REVISIONS, CF_META] {
+            if let Ok(cf) = self.cf(name) {
+                for prop in ["rocksdb.estimate-live-data-size", "rocksdb.cur-size-all-mem-tables"] {
+                    if let Ok(Some(v)) = self.inner.db.property_int_value_cf(cf, prop) {
+                        total += v;
+                    }
+                }
+            }
+        }
+        total
+    }
+
+    /// A RocksDB integer property summed over all column families (e.g. pending compaction bytes).
+    pub fn int_property_sum(&self, prop: &str) -> u64 {
+        let mut total = 0;
+        for name in [CF_LOG, CF_RAFT, CF_KV, CF_HISTORY, CF_REVISIONS, CF_META] {
+            if let Ok(cf) = self.cf(name)
+                && let Ok(Some(v)) = self.inner.db.property_int_value_cf(cf, prop)
+            {
+                total += v;
+            }
+        }
+        total
+    }
+
+    /// A RocksDB integer property of one column family.
+    pub fn int_property(&self, cf: &str, prop: &str) -> u64 {
+        self.cf(cf)
+            .ok()
+            .and_then(|cf| self.inner.db.property_int_value_cf(cf, prop).ok().flatten())
+            .unwrap_or(0)
+    }
+}
+
+fn decode_index(k: &[u8]) -> Result<u64> {
+    let a: [u8; 8] = k
+        .try_into()
+        .map_err(|_| codec::CorruptRecord("log index length"))?;
+    Ok(u64::from_be_bytes(a))
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += dir_size(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}

@@ -1,0 +1,20 @@
+//! The wire protocols raftkv speaks, generated from our `.proto` files: the etcd v3 API
+//! (`etcdserverpb`, `mvccpb`, `authpb`) and the node-to-node peer protocol.
+
+#![allow(clippy::all, missing_docs)]
+
+pub mod mvccpb {
+    tonic::include_proto!("mvccpb");
+}
+
+pub mod authpb {
+    tonic::include_proto!("authpb");
+}
+
+pub mod etcdserverpb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+pub mod peer {
+    tonic::include_proto!("raftkv.peer.v1");
+}
