@@ -10,6 +10,8 @@ mod network;
 mod peer;
 mod reads;
 mod state_machine;
+#[cfg(test)]
+mod suite_tests;
 pub mod types;
 
 pub use network::{CLUSTER_ID_HEADER, PeerChannels};

@@ -140,7 +140,16 @@ fn keep_as_current(dir: &Path, meta: &SnapshotMeta, data: &Path) -> io::Result<P
     let base = dir.join(snapshot_name(meta));
     let path = base.with_extension("rkvs");
     if data != path {
-        std::fs::rename(data, &path)?;
+        // Files received into our own directory move into place; others are copied so their
+        // owner keeps them.
+        if data.parent() == Some(dir) {
+            std::fs::rename(data, &path)?;
+        } else {
+            let tmp = base.with_extension("rkvs.tmp");
+            std::fs::copy(data, &tmp)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+        }
     }
     let meta_tmp = base.with_extension("meta.tmp");
     std::fs::write(&meta_tmp, encode(meta)?)?;

@@ -1,0 +1,366 @@
+//! A cluster of real `raftkv serve` processes on loopback, for multi-process tests.
+#![allow(dead_code)]
+
+use raftkv::auth::jwt::{JwtConfig, TokenIssuer};
+use raftkv::crypto::Keyring;
+use raftkv_proto::etcdserverpb as pb;
+use raftkv_proto::etcdserverpb::kv_client::KvClient;
+use raftkv_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[derive(Clone, Debug)]
+pub struct MemberPorts {
+    pub client: u16,
+    pub peer: u16,
+    pub metrics: u16,
+}
+
+pub struct Member {
+    pub id: u64,
+    pub ports: MemberPorts,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub nodes: u64,
+    pub encryption: bool,
+    pub snapshot_threshold: u64,
+    pub snapshot_log_keep: u64,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            nodes: 3,
+            encryption: true,
+            snapshot_threshold: 10_000,
+            snapshot_log_keep: 5_000,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+pub struct Cluster {
+    pub root: tempfile::TempDir,
+    pub members: Vec<Member>,
+    pub opts: Options,
+    pub secret: PathBuf,
+    pub keyring: PathBuf,
+    pub root_password: String,
+    pub root_password_file: PathBuf,
+    issuer: TokenIssuer,
+    pub token: String,
+    pub cluster_token: String,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_raftkv")
+}
+
+impl Cluster {
+    pub fn start(opts: Options) -> Cluster {
+        let root = tempfile::tempdir().expect("tempdir");
+        let secret = root.path().join("jwt-secret");
+        std::fs::write(&secret, "test-secret-0123456789abcdef0123456789abcdef").unwrap();
+        let keyring = root.path().join("keyring.json");
+        std::fs::write(&keyring, Keyring::generate().to_json()).unwrap();
+        let root_password = "root-pw-123".to_string();
+        let root_password_file = root.path().join("root-password");
+        std::fs::write(&root_password_file, &root_password).unwrap();
+        let issuer = TokenIssuer::new(&JwtConfig {
+            hs256_secret_file: Some(secret.clone()),
+            token_ttl: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .unwrap()
+        .unwrap();
+        let token = issuer.issue("admin", &["root".into()], None).unwrap();
+        let members = (1..=opts.nodes)
+            .map(|id| Member {
+                id,
+                ports: MemberPorts {
+                    client: free_port(),
+                    peer: free_port(),
+                    metrics: free_port(),
+                },
+                dir: root.path().join(format!("node-{id}")),
+                log: root.path().join(format!("node-{id}.log")),
+                child: None,
+            })
+            .collect();
+        let mut c = Cluster {
+            root,
+            members,
+            opts,
+            secret,
+            keyring,
+            root_password,
+            root_password_file,
+            issuer,
+            token,
+            cluster_token: "test-cluster".into(),
+        };
+        for i in 0..c.members.len() {
+            c.spawn(i);
+        }
+        c.wait_ready(Duration::from_secs(60));
+        c
+    }
+
+    pub fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.id, m.ports.peer))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn serve_command(&self, i: usize) -> Command {
+        let m = &self.members[i];
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
+            .args(["--id", &m.id.to_string()])
+            .arg("--data-dir")
+            .arg(&m.dir)
+            .args(["--listen-client", &format!("127.0.0.1:{}", m.ports.client)])
+            .args(["--listen-peer", &format!("127.0.0.1:{}", m.ports.peer)])
+            .args(["--listen-metrics", &format!("127.0.0.1:{}", m.ports.metrics)])
+            .args(["--initial-cluster", &self.initial_cluster()])
+            .args(["--cluster-token", &self.cluster_token])
+            .arg("--jwt-secret-file")
+            .arg(&self.secret)
+            .arg("--initial-root-password-file")
+            .arg(&self.root_password_file)
+            .args(["--heartbeat-interval-ms", "50"])
+            .args(["--election-timeout-ms", "500"])
+            .args(["--snapshot-threshold", &self.opts.snapshot_threshold.to_string()])
+            .args(["--snapshot-log-keep", &self.opts.snapshot_log_keep.to_string()])
+            .args(&self.opts.extra_args)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null());
+        if self.opts.encryption {
+            cmd.arg("--encryption-keyring-file").arg(&self.keyring);
+        }
+        cmd
+    }
+
+    pub fn spawn(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.members[i].log)
+            .unwrap();
+        let child = self
+            .serve_command(i)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn raftkv");
+        self.members[i].child = Some(child);
+    }
+
+    /// SIGKILL: the member dies without any chance to flush.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a clean shutdown.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].ports.client)
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        (0..self.members.len()).map(|i| self.endpoint(i)).collect()
+    }
+
+    pub fn http_get(&self, i: usize, path: &str) -> Option<(u16, String)> {
+        http_get(self.members[i].ports.metrics, path)
+    }
+
+    pub fn is_ready(&self, i: usize) -> bool {
+        matches!(self.http_get(i, "/readyz"), Some((200, _)))
+    }
+
+    pub fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() {
+                continue;
+            }
+            while !self.is_ready(i) {
+                if Instant::now() > deadline {
+                    panic!("member {} not ready; log:\n{}", i + 1, self.log_tail(i));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    pub fn wait_member_ready(&self, i: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.is_ready(i) {
+            if Instant::now() > deadline {
+                panic!("member {} not ready; log:\n{}", i + 1, self.log_tail(i));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log_tail(&self, i: usize) -> String {
+        let text = std::fs::read_to_string(&self.members[i].log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn issue(&self, subject: &str, roles: &[&str]) -> String {
+        let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+        self.issuer.issue(subject, &roles, None).unwrap()
+    }
+
+    pub async fn kv(&self, i: usize) -> KvClient<Channel> {
+        KvClient::new(channel(&self.endpoint(i)).await)
+    }
+
+    pub async fn maintenance(&self, i: usize) -> MaintenanceClient<Channel> {
+        MaintenanceClient::new(channel(&self.endpoint(i)).await)
+    }
+
+    pub async fn status(&self, i: usize) -> Option<pb::StatusResponse> {
+        let mut m = self.maintenance(i).await;
+        m.status(authed(pb::StatusRequest {}, &self.token))
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    /// Index of the current leader, as every running member agrees.
+    pub async fn leader(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut seen = None;
+            let mut agree = true;
+            for i in 0..self.members.len() {
+                if self.members[i].child.is_none() {
+                    continue;
+                }
+                match self.status(i).await {
+                    Some(s) if s.leader != 0 => {
+                        if seen.is_some() && seen != Some(s.leader) {
+                            agree = false;
+                        }
+                        seen = Some(s.leader);
+                    }
+                    _ => agree = false,
+                }
+            }
+            if agree && let Some(id) = seen {
+                if let Some(pos) = self.members.iter().position(|m| m.id == id && m.child.is_some()) {
+                    return pos;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("no agreed leader within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn data_dir(&self, i: usize) -> &Path {
+        &self.members[i].dir
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+        if std::thread::panicking() {
+            for i in 0..self.members.len() {
+                eprintln!("---- member {} log tail ----\n{}", i + 1, self.log_tail(i));
+            }
+        }
+    }
+}
+
+pub async fn channel(endpoint: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy()
+}
+
+pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
+pub fn put_req(k: &str, v: &str) -> pb::PutRequest {
+    pb::PutRequest {
+        key: k.as_bytes().to_vec(),
+        value: v.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+pub fn get_req(k: &str) -> pb::RangeRequest {
+    pb::RangeRequest {
+        key: k.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+pub fn prefix_req(p: &str) -> pb::RangeRequest {
+    pb::RangeRequest {
+        key: p.as_bytes().to_vec(),
+        range_end: raftkv::model::prefix_end(p.as_bytes()),
+        ..Default::default()
+    }
+}
