@@ -7,7 +7,7 @@
 use crate::model::{ApplyError, ApplyOutput, ApplyResponse, Command, PermType, Proposal};
 use crate::storage::auth_state::{self, AuthSource};
 use crate::storage::mvcc::{self, Authorizer, Counters, Event, ReadError, ValueOpener, WriteTxn};
-use crate::storage::{CF_META, Store, StorageError};
+use crate::storage::{CF_META, StorageError, Store};
 use rocksdb::WriteBatch;
 use std::sync::Arc;
 
@@ -74,8 +74,7 @@ impl Executor {
                         let usage = key_usage(store, k.id)? + sealed;
                         let meta = store.cf(CF_META)?;
                         txn.batch.put_cf(meta, usage_key(k.id), usage.to_be_bytes());
-                        txn.batch
-                            .put_cf(meta, fingerprint_key(k.id), k.fingerprint);
+                        txn.batch.put_cf(meta, fingerprint_key(k.id), k.fingerprint);
                     }
                 }
                 let (batch, counters, events) = txn.finish()?;

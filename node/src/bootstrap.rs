@@ -38,13 +38,12 @@ pub enum IdentityError {
         want_token: String,
         want_member: u64,
     },
-    #[error("data directory {0} holds a database but no raftkv identity; refusing to use data raftkv did not create")]
+    #[error(
+        "data directory {0} holds a database but no raftkv identity; refusing to use data raftkv did not create"
+    )]
     Foreign(String),
     #[error("data directory {dir}: {source}")]
-    Io {
-        dir: String,
-        source: std::io::Error,
-    },
+    Io { dir: String, source: std::io::Error },
     #[error("data directory {dir}: identity file is unreadable: {reason}")]
     Corrupt { dir: String, reason: String },
 }
@@ -79,10 +78,11 @@ impl DataDir {
         let want_cluster = cluster_id(token);
         match std::fs::read_to_string(&file) {
             Ok(text) => {
-                let found: Identity = serde_json::from_str(&text).map_err(|e| IdentityError::Corrupt {
-                    dir: dir.clone(),
-                    reason: e.to_string(),
-                })?;
+                let found: Identity =
+                    serde_json::from_str(&text).map_err(|e| IdentityError::Corrupt {
+                        dir: dir.clone(),
+                        reason: e.to_string(),
+                    })?;
                 if found.cluster_id != want_cluster || found.member_id != member_id {
                     return Err(IdentityError::Mismatch {
                         dir,
@@ -129,10 +129,11 @@ impl DataDir {
 
     pub fn save(&self) -> Result<(), IdentityError> {
         let dir = self.path.display().to_string();
-        let text = serde_json::to_string_pretty(&self.identity).map_err(|e| IdentityError::Corrupt {
-            dir: dir.clone(),
-            reason: e.to_string(),
-        })?;
+        let text =
+            serde_json::to_string_pretty(&self.identity).map_err(|e| IdentityError::Corrupt {
+                dir: dir.clone(),
+                reason: e.to_string(),
+            })?;
         let tmp = self.path.join(format!("{IDENTITY_FILE}.tmp"));
         let write = || -> std::io::Result<()> {
             std::fs::write(&tmp, text.as_bytes())?;
@@ -157,7 +158,10 @@ mod tests {
         let again = DataDir::claim(&p, "alpha", 1).unwrap();
         assert!(!again.fresh);
         let other_cluster = DataDir::claim(&p, "beta", 1).err().unwrap().to_string();
-        assert!(other_cluster.contains("belongs to cluster"), "{other_cluster}");
+        assert!(
+            other_cluster.contains("belongs to cluster"),
+            "{other_cluster}"
+        );
         assert!(DataDir::claim(&p, "alpha", 2).is_err());
         assert_ne!(cluster_id("alpha"), cluster_id("beta"));
     }

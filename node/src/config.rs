@@ -52,7 +52,12 @@ pub struct ServeArgs {
     pub initial_cluster: Vec<String>,
 
     /// Whether this member forms a new cluster or joins an existing one.
-    #[arg(long, env = "RAFTKV_INITIAL_CLUSTER_STATE", value_enum, default_value = "new")]
+    #[arg(
+        long,
+        env = "RAFTKV_INITIAL_CLUSTER_STATE",
+        value_enum,
+        default_value = "new"
+    )]
     pub initial_cluster_state: ClusterState,
 
     /// Names the cluster; members of one cluster share it, and a data directory of another
@@ -99,7 +104,11 @@ pub struct ServeArgs {
     pub quota_backend_bytes: u64,
 
     /// Interval of progress notifications to watchers that asked for them, in seconds.
-    #[arg(long, env = "RAFTKV_WATCH_PROGRESS_INTERVAL_SECONDS", default_value_t = 600)]
+    #[arg(
+        long,
+        env = "RAFTKV_WATCH_PROGRESS_INTERVAL_SECONDS",
+        default_value_t = 600
+    )]
     pub watch_progress_interval_seconds: u64,
 
     // ---- Authentication ----
@@ -154,7 +163,11 @@ pub struct ServeArgs {
     pub client_key_file: Option<PathBuf>,
 
     /// CA (PEM) for client certificates; when set, clients must present one (mTLS).
-    #[arg(long, env = "RAFTKV_CLIENT_TRUSTED_CA_FILE", requires = "client_cert_file")]
+    #[arg(
+        long,
+        env = "RAFTKV_CLIENT_TRUSTED_CA_FILE",
+        requires = "client_cert_file"
+    )]
     pub client_trusted_ca_file: Option<PathBuf>,
 
     /// Certificate (PEM) of the peer port; peer TLS (always mutual) is on when set.
@@ -176,7 +189,9 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     pub fn name(&self) -> String {
-        self.name.clone().unwrap_or_else(|| format!("node-{}", self.id))
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("node-{}", self.id))
     }
 
     fn scheme(tls: bool) -> &'static str {
@@ -235,12 +250,13 @@ pub fn parse_initial_cluster(items: &[String], tls: bool) -> Result<Vec<(u64, St
         let (id, url) = item
             .split_once('=')
             .ok_or_else(|| format!("--initial-cluster entry {item:?} is not id=host:port"))?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .map_err(|_| format!("--initial-cluster entry {item:?}: the id must be a positive integer"))?;
+        let id: u64 = id.trim().parse().map_err(|_| {
+            format!("--initial-cluster entry {item:?}: the id must be a positive integer")
+        })?;
         if id == 0 {
-            return Err(format!("--initial-cluster entry {item:?}: member id 0 is not allowed"));
+            return Err(format!(
+                "--initial-cluster entry {item:?}: member id 0 is not allowed"
+            ));
         }
         if out.iter().any(|(i, _)| *i == id) {
             return Err(format!("--initial-cluster names member {id} twice"));
@@ -261,7 +277,13 @@ mod tests {
             false,
         )
         .unwrap();
-        assert_eq!(v, vec![(1, "http://127.0.0.1:2380".into()), (2, "https://h:2380".into())]);
+        assert_eq!(
+            v,
+            vec![
+                (1, "http://127.0.0.1:2380".into()),
+                (2, "https://h:2380".into())
+            ]
+        );
         assert!(parse_initial_cluster(&["x=1".into()], false).is_err());
         assert!(parse_initial_cluster(&["1=a:1".into(), "1=b:1".into()], false).is_err());
         assert!(parse_initial_cluster(&["1".into()], false).is_err());

@@ -73,11 +73,18 @@ pub fn ensure_secrets(dir: &Path) -> std::io::Result<DevSecrets> {
     if !s.root_password_file.exists() {
         write_secret(&s.root_password_file, random_text(20).as_bytes())?;
     }
-    let root_password = std::fs::read_to_string(&s.root_password_file)?.trim().to_string();
+    let root_password = std::fs::read_to_string(&s.root_password_file)?
+        .trim()
+        .to_string();
     Ok(DevSecrets { root_password, ..s })
 }
 
-fn spawn_member(exe: &Path, args: &DevArgs, secrets: &DevSecrets, i: u64) -> std::io::Result<Child> {
+fn spawn_member(
+    exe: &Path,
+    args: &DevArgs,
+    secrets: &DevSecrets,
+    i: u64,
+) -> std::io::Result<Child> {
     let p = ports(args.base_port, i);
     let initial: Vec<String> = (1..=args.nodes)
         .map(|j| format!("{j}=http://127.0.0.1:{}", ports(args.base_port, j).peer))
@@ -248,13 +255,15 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         return Err("--nodes must be between 1 and 9".into());
     }
     let exe = std::env::current_exe().map_err(|e| format!("locating the raftkv binary: {e}"))?;
-    std::fs::create_dir_all(&args.data_dir).map_err(|e| format!("{}: {e}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("{}: {e}", args.data_dir.display()))?;
     let data_dir = args
         .data_dir
         .canonicalize()
         .map_err(|e| format!("{}: {e}", args.data_dir.display()))?;
     let args = DevArgs { data_dir, ..args };
-    let secrets = ensure_secrets(&args.data_dir.join("secrets")).map_err(|e| format!("generating secrets: {e}"))?;
+    let secrets = ensure_secrets(&args.data_dir.join("secrets"))
+        .map_err(|e| format!("generating secrets: {e}"))?;
     let mut children = Vec::new();
     for i in 1..=args.nodes {
         match spawn_member(&exe, &args, &secrets, i) {
@@ -289,7 +298,11 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     let token_file = args.data_dir.join("secrets").join("root-token");
     write_secret(&token_file, token.as_bytes()).map_err(|e| e.to_string())?;
 
-    println!("raftkv dev cluster: {} members, data in {}", args.nodes, args.data_dir.display());
+    println!(
+        "raftkv dev cluster: {} members, data in {}",
+        args.nodes,
+        args.data_dir.display()
+    );
     println!();
     for i in 1..=args.nodes {
         let p = ports(args.base_port, i);
@@ -304,9 +317,15 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     println!();
     println!("Every request needs a token (security is on: JWT auth, AES-256-GCM at rest).");
     println!("  export RAFTKV_ENDPOINTS={}", endpoints.join(","));
-    println!("  export RAFTKV_TOKEN=$(cat {})   # root token, valid 24h", token_file.display());
+    println!(
+        "  export RAFTKV_TOKEN=$(cat {})   # root token, valid 24h",
+        token_file.display()
+    );
     println!();
-    println!("With etcdctl (user root, password in {}):", secrets.root_password_file.display());
+    println!(
+        "With etcdctl (user root, password in {}):",
+        secrets.root_password_file.display()
+    );
     println!(
         "  ETCDCTL_API=3 etcdctl --endpoints={} --user=root:{} put hello world",
         endpoints.join(","),

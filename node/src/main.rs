@@ -8,10 +8,20 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "raftkv", version, about = "A Raft-replicated, encrypted key-value store that speaks the etcd v3 API")]
+#[command(
+    name = "raftkv",
+    version,
+    about = "A Raft-replicated, encrypted key-value store that speaks the etcd v3 API"
+)]
 struct Cli {
     /// Log format.
-    #[arg(long, env = "RAFTKV_LOG_FORMAT", value_enum, default_value = "human", global = true)]
+    #[arg(
+        long,
+        env = "RAFTKV_LOG_FORMAT",
+        value_enum,
+        default_value = "human",
+        global = true
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
@@ -46,7 +56,10 @@ fn keyring(cmd: KeyringCmd) -> Result<(), String> {
     match cmd {
         KeyringCmd::New { file } => {
             if file.exists() {
-                return Err(format!("{} exists; refusing to overwrite a keyring", file.display()));
+                return Err(format!(
+                    "{} exists; refusing to overwrite a keyring",
+                    file.display()
+                ));
             }
             Keyring::generate().save(&file).map_err(|e| e.to_string())?;
             println!("wrote {} with key 1 active", file.display());
@@ -73,7 +86,10 @@ fn main() -> ExitCode {
     let result: Result<(), String> = match cli.command {
         Cmd::Keyring(k) => keyring(k),
         cmd => {
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("raftkv: cannot start the runtime: {e}");

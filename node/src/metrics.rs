@@ -12,8 +12,8 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -73,14 +73,22 @@ impl Metrics {
         labels.insert("member".to_string(), format!("{node_id:x}"));
         let r = Registry::new_custom(None, Some(labels)).expect("static registry labels");
         #[cfg(target_os = "linux")]
-        if let Err(e) = r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())) {
+        if let Err(e) = r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        )) {
             tracing::warn!(error = %e, "process metrics unavailable");
         }
         let counter = |name: &str, help: &str| {
-            reg(&r, IntCounter::new(name, help).expect("static metric definition"))
+            reg(
+                &r,
+                IntCounter::new(name, help).expect("static metric definition"),
+            )
         };
         let gauge = |name: &str, help: &str| {
-            reg(&r, IntGauge::new(name, help).expect("static metric definition"))
+            reg(
+                &r,
+                IntGauge::new(name, help).expect("static metric definition"),
+            )
         };
         let latency_buckets = vec![
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -90,7 +98,10 @@ impl Metrics {
             grpc_requests: reg(
                 &r,
                 IntCounterVec::new(
-                    Opts::new("raftkv_grpc_requests_total", "gRPC requests handled, by service, method and status code."),
+                    Opts::new(
+                        "raftkv_grpc_requests_total",
+                        "gRPC requests handled, by service, method and status code.",
+                    ),
                     &["service", "method", "code"],
                 )
                 .expect("static metric definition"),
@@ -98,8 +109,11 @@ impl Metrics {
             grpc_latency: reg(
                 &r,
                 HistogramVec::new(
-                    HistogramOpts::new("raftkv_grpc_request_duration_seconds", "gRPC request latency until the response starts, by service and method.")
-                        .buckets(latency_buckets.clone()),
+                    HistogramOpts::new(
+                        "raftkv_grpc_request_duration_seconds",
+                        "gRPC request latency until the response starts, by service and method.",
+                    )
+                    .buckets(latency_buckets.clone()),
                     &["service", "method"],
                 )
                 .expect("static metric definition"),
@@ -107,48 +121,104 @@ impl Metrics {
             auth_failures: reg(
                 &r,
                 IntCounterVec::new(
-                    Opts::new("raftkv_auth_failures_total", "Requests refused for their token, by reason."),
+                    Opts::new(
+                        "raftkv_auth_failures_total",
+                        "Requests refused for their token, by reason.",
+                    ),
                     &["reason"],
                 )
                 .expect("static metric definition"),
             ),
-            permission_denials: counter("raftkv_auth_permission_denials_total", "Requests refused because the token's roles do not allow them."),
+            permission_denials: counter(
+                "raftkv_auth_permission_denials_total",
+                "Requests refused because the token's roles do not allow them.",
+            ),
             crypto_errors: reg(
                 &r,
                 IntCounterVec::new(
-                    Opts::new("raftkv_encryption_errors_total", "Encryption failures, by operation (encrypt, decrypt, key_exhausted)."),
+                    Opts::new(
+                        "raftkv_encryption_errors_total",
+                        "Encryption failures, by operation (encrypt, decrypt, key_exhausted).",
+                    ),
                     &["op"],
                 )
                 .expect("static metric definition"),
             ),
-            proposals_committed: counter("raftkv_raft_proposals_committed_total", "Proposals made through this node that were committed and applied."),
-            proposals_failed: counter("raftkv_raft_proposals_failed_total", "Proposals made through this node that failed (no leader, timeout, unknown outcome)."),
-            proposals_pending: gauge("raftkv_raft_proposals_pending", "Proposals made through this node that are waiting for commit."),
-            applied_ok: counter("raftkv_raft_applied_proposals_total", "Proposals this node's state machine applied successfully."),
-            applied_refused: counter("raftkv_raft_applied_refusals_total", "Proposals this node's state machine refused deterministically (permission, compaction, missing key)."),
-            snapshot_installs: counter("raftkv_raft_snapshot_installs_total", "Snapshots received from a leader and installed."),
+            proposals_committed: counter(
+                "raftkv_raft_proposals_committed_total",
+                "Proposals made through this node that were committed and applied.",
+            ),
+            proposals_failed: counter(
+                "raftkv_raft_proposals_failed_total",
+                "Proposals made through this node that failed (no leader, timeout, unknown outcome).",
+            ),
+            proposals_pending: gauge(
+                "raftkv_raft_proposals_pending",
+                "Proposals made through this node that are waiting for commit.",
+            ),
+            applied_ok: counter(
+                "raftkv_raft_applied_proposals_total",
+                "Proposals this node's state machine applied successfully.",
+            ),
+            applied_refused: counter(
+                "raftkv_raft_applied_refusals_total",
+                "Proposals this node's state machine refused deterministically (permission, compaction, missing key).",
+            ),
+            snapshot_installs: counter(
+                "raftkv_raft_snapshot_installs_total",
+                "Snapshots received from a leader and installed.",
+            ),
             snapshot_install_seconds: reg(
                 &r,
                 Histogram::with_opts(
-                    HistogramOpts::new("raftkv_raft_snapshot_install_duration_seconds", "Time to install a received snapshot.")
-                        .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
+                    HistogramOpts::new(
+                        "raftkv_raft_snapshot_install_duration_seconds",
+                        "Time to install a received snapshot.",
+                    )
+                    .buckets(vec![
+                        0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+                    ]),
                 )
                 .expect("static metric definition"),
             ),
             term: gauge("raftkv_raft_term", "Current Raft term."),
-            leader_id: gauge("raftkv_raft_leader_id", "Member id of the current leader (0 when there is none)."),
+            leader_id: gauge(
+                "raftkv_raft_leader_id",
+                "Member id of the current leader (0 when there is none).",
+            ),
             is_leader: gauge("raftkv_raft_is_leader", "1 if this member is the leader."),
-            leader_changes: counter("raftkv_raft_leader_changes_total", "Leader changes this member has seen since it started."),
+            leader_changes: counter(
+                "raftkv_raft_leader_changes_total",
+                "Leader changes this member has seen since it started.",
+            ),
             leader_changes_seen: Mutex::new(0),
-            commit_index: gauge("raftkv_raft_commit_index", "Highest log index known committed."),
-            applied_index: gauge("raftkv_raft_applied_index", "Highest log index applied to the state machine."),
-            last_log_index: gauge("raftkv_raft_last_log_index", "Index of the last entry in this member's log."),
-            snapshot_index: gauge("raftkv_raft_snapshot_index", "Last log index covered by the newest snapshot."),
-            log_entries_since_snapshot: gauge("raftkv_raft_log_entries_since_snapshot", "Log entries not yet covered by a snapshot."),
+            commit_index: gauge(
+                "raftkv_raft_commit_index",
+                "Highest log index known committed.",
+            ),
+            applied_index: gauge(
+                "raftkv_raft_applied_index",
+                "Highest log index applied to the state machine.",
+            ),
+            last_log_index: gauge(
+                "raftkv_raft_last_log_index",
+                "Index of the last entry in this member's log.",
+            ),
+            snapshot_index: gauge(
+                "raftkv_raft_snapshot_index",
+                "Last log index covered by the newest snapshot.",
+            ),
+            log_entries_since_snapshot: gauge(
+                "raftkv_raft_log_entries_since_snapshot",
+                "Log entries not yet covered by a snapshot.",
+            ),
             follower_lag: reg(
                 &r,
                 IntGaugeVec::new(
-                    Opts::new("raftkv_raft_follower_replication_lag_entries", "On the leader: log entries each follower is behind."),
+                    Opts::new(
+                        "raftkv_raft_follower_replication_lag_entries",
+                        "On the leader: log entries each follower is behind.",
+                    ),
                     &["follower"],
                 )
                 .expect("static metric definition"),
@@ -156,7 +226,10 @@ impl Metrics {
             members: reg(
                 &r,
                 IntGaugeVec::new(
-                    Opts::new("raftkv_raft_members", "Cluster members by role (voter, learner)."),
+                    Opts::new(
+                        "raftkv_raft_members",
+                        "Cluster members by role (voter, learner).",
+                    ),
                     &["role"],
                 )
                 .expect("static metric definition"),
@@ -164,27 +237,54 @@ impl Metrics {
             fsync_seconds: reg(
                 &r,
                 Histogram::with_opts(
-                    HistogramOpts::new("raftkv_storage_fsync_duration_seconds", "Write-ahead log fsync latency.")
-                        .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0]),
+                    HistogramOpts::new(
+                        "raftkv_storage_fsync_duration_seconds",
+                        "Write-ahead log fsync latency.",
+                    )
+                    .buckets(vec![
+                        0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064,
+                        0.128, 0.256, 0.512, 1.0,
+                    ]),
                 )
                 .expect("static metric definition"),
             ),
             fsync_batch: reg(
                 &r,
                 Histogram::with_opts(
-                    HistogramOpts::new("raftkv_storage_fsync_batch_appends", "Log appends made durable by one fsync (group commit).")
-                        .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+                    HistogramOpts::new(
+                        "raftkv_storage_fsync_batch_appends",
+                        "Log appends made durable by one fsync (group commit).",
+                    )
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
                 )
                 .expect("static metric definition"),
             ),
-            db_size: gauge("raftkv_storage_db_size_bytes", "Bytes the database occupies on disk."),
-            db_size_in_use: gauge("raftkv_storage_db_size_in_use_bytes", "Bytes of live data in the database."),
+            db_size: gauge(
+                "raftkv_storage_db_size_bytes",
+                "Bytes the database occupies on disk.",
+            ),
+            db_size_in_use: gauge(
+                "raftkv_storage_db_size_in_use_bytes",
+                "Bytes of live data in the database.",
+            ),
             keys: gauge("raftkv_storage_keys", "Live keys (RocksDB estimate)."),
-            write_stopped: gauge("raftkv_storage_write_stall", "1 while RocksDB stops writes (a write stall)."),
-            delayed_write_rate: gauge("raftkv_storage_delayed_write_rate_bytes", "Write rate RocksDB throttles to while slowing writes (0 when not slowed)."),
-            pending_compaction: gauge("raftkv_storage_pending_compaction_bytes", "Bytes RocksDB estimates compaction still has to rewrite."),
+            write_stopped: gauge(
+                "raftkv_storage_write_stall",
+                "1 while RocksDB stops writes (a write stall).",
+            ),
+            delayed_write_rate: gauge(
+                "raftkv_storage_delayed_write_rate_bytes",
+                "Write rate RocksDB throttles to while slowing writes (0 when not slowed).",
+            ),
+            pending_compaction: gauge(
+                "raftkv_storage_pending_compaction_bytes",
+                "Bytes RocksDB estimates compaction still has to rewrite.",
+            ),
             revision: gauge("raftkv_store_revision", "Current store revision."),
-            compacted_revision: gauge("raftkv_store_compacted_revision", "Revision at or below which history has been compacted."),
+            compacted_revision: gauge(
+                "raftkv_store_compacted_revision",
+                "Revision at or below which history has been compacted.",
+            ),
             registry: r,
         }
     }
@@ -279,7 +379,9 @@ pub fn not_ready_reason(consensus: &Consensus, policy: &ReadinessPolicy) -> Opti
     }
     let lag = s.committed.saturating_sub(s.applied);
     if lag > policy.max_apply_lag {
-        return Some(format!("applied index trails the commit index by {lag} entries"));
+        return Some(format!(
+            "applied index trails the commit index by {lag} entries"
+        ));
     }
     None
 }
@@ -294,7 +396,10 @@ struct HttpState {
 async fn metrics_handler(State(st): State<HttpState>) -> impl IntoResponse {
     st.metrics.refresh(&st.consensus, st.consensus.store());
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         st.metrics.encode(),
     )
 }
@@ -306,7 +411,10 @@ async fn healthz() -> impl IntoResponse {
 async fn readyz(State(st): State<HttpState>) -> impl IntoResponse {
     match not_ready_reason(&st.consensus, &st.policy) {
         None => (StatusCode::OK, "ready\n".to_string()),
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 

@@ -290,7 +290,10 @@ pub enum ApplyError {
     PermissionDenied,
     /// Auth management refusals carry etcd's exact message and gRPC code name.
     #[error("{message}")]
-    Auth { code: AuthErrorCode, message: String },
+    Auth {
+        code: AuthErrorCode,
+        message: String,
+    },
     #[error("encryption: {0}")]
     Encryption(String),
     #[error("etcdserver: mvcc: database space exceeded")]
@@ -311,8 +314,13 @@ pub enum ApplyOutput {
     Txn(TxnResult),
     Compacted,
     Auth,
-    Reencrypted { replaced: u64 },
-    LeaseGranted { id: i64, ttl: i64 },
+    Reencrypted {
+        replaced: u64,
+    },
+    LeaseGranted {
+        id: i64,
+        ttl: i64,
+    },
     LeaseRevoked,
     /// Blank and membership entries.
     None,
@@ -367,8 +375,14 @@ mod tests {
 
     #[test]
     fn key_interval_forms() {
-        assert_eq!(key_interval(b"a", b""), (b"a".to_vec(), Some(b"a\0".to_vec())));
+        assert_eq!(
+            key_interval(b"a", b""),
+            (b"a".to_vec(), Some(b"a\0".to_vec()))
+        );
         assert_eq!(key_interval(b"a", b"\0"), (b"a".to_vec(), None));
-        assert_eq!(key_interval(b"a", b"c"), (b"a".to_vec(), Some(b"c".to_vec())));
+        assert_eq!(
+            key_interval(b"a", b"c"),
+            (b"a".to_vec(), Some(b"c".to_vec()))
+        );
     }
 }

@@ -53,7 +53,11 @@ pub enum NodeError {
 }
 
 /// Checks that the keyring can read everything the data was encrypted with.
-fn check_keyring(store: &Store, sealer: &Sealer, keyring_file: Option<&std::path::Path>) -> Result<(), NodeError> {
+fn check_keyring(
+    store: &Store,
+    sealer: &Sealer,
+    keyring_file: Option<&std::path::Path>,
+) -> Result<(), NodeError> {
     let in_use = apply::keys_in_use(store)?;
     if in_use.is_empty() {
         return Ok(());
@@ -90,10 +94,12 @@ fn check_keyring(store: &Store, sealer: &Sealer, keyring_file: Option<&std::path
 }
 
 async fn listen(addr: &str) -> Result<TcpListener, NodeError> {
-    TcpListener::bind(addr).await.map_err(|source| NodeError::Listen {
-        addr: addr.to_string(),
-        source,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 /// Runs the member until a shutdown signal.
@@ -101,8 +107,11 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
     if args.id == 0 {
         return Err(NodeError::Config("--id must be a positive integer".into()));
     }
-    let initial = parse_initial_cluster(&args.initial_cluster, args.peer_tls()).map_err(NodeError::Config)?;
-    if args.initial_cluster_state == ClusterState::New && !initial.iter().any(|(id, _)| *id == args.id) {
+    let initial =
+        parse_initial_cluster(&args.initial_cluster, args.peer_tls()).map_err(NodeError::Config)?;
+    if args.initial_cluster_state == ClusterState::New
+        && !initial.iter().any(|(id, _)| *id == args.id)
+    {
         return Err(NodeError::Config(format!(
             "--initial-cluster must name this member ({}) when forming a new cluster",
             args.id
@@ -112,7 +121,11 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
     let cluster_id = data.identity.cluster_id;
 
     let sealer = match &args.encryption_keyring_file {
-        Some(p) => Sealer::new(Keyring::load(p)?, Some(p.clone()), args.encryption_key_usage_limit),
+        Some(p) => Sealer::new(
+            Keyring::load(p)?,
+            Some(p.clone()),
+            args.encryption_key_usage_limit,
+        ),
         None => Sealer::disabled(),
     };
     let jwt = JwtConfig {
@@ -153,8 +166,14 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
             }),
         }
     };
-    let peer_tls = match (&args.peer_cert_file, &args.peer_key_file, &args.peer_trusted_ca_file) {
-        (Some(c), Some(k), Some(ca)) => Some((tls::peer_client(c, k, ca)?, tls::server(c, k, Some(ca))?)),
+    let peer_tls = match (
+        &args.peer_cert_file,
+        &args.peer_key_file,
+        &args.peer_trusted_ca_file,
+    ) {
+        (Some(c), Some(k), Some(ca)) => {
+            Some((tls::peer_client(c, k, ca)?, tls::server(c, k, Some(ca))?))
+        }
         _ => None,
     };
     let consensus = Consensus::start(
@@ -223,7 +242,10 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
                     (*id, node)
                 })
                 .collect();
-            consensus.initialize(members).await.map_err(NodeError::Raft)?;
+            consensus
+                .initialize(members)
+                .await
+                .map_err(NodeError::Raft)?;
             tracing::info!(cluster = %format!("{cluster_id:x}"), members = initial.len(), "initialized a new cluster");
         }
         data.identity.initialized = true;
@@ -284,7 +306,9 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
                 .max_encoding_message_size(usize::MAX),
             )
             .add_service(LeaseServer::new(api::lease::LeaseService::new(api.clone())))
-            .add_service(ClusterServer::new(api::cluster::ClusterService::new(api.clone())))
+            .add_service(ClusterServer::new(api::cluster::ClusterService::new(
+                api.clone(),
+            )))
             .add_service(
                 MaintenanceServer::new(api::maintenance::MaintenanceService::new(api.clone()))
                     .max_encoding_message_size(usize::MAX),
@@ -337,7 +361,9 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
                 data.identity.root_seeded = true;
                 data.save()?;
             }
-            Err(e) => tracing::error!(error = %e, "creating the initial root user failed; it will be retried at the next start"),
+            Err(e) => {
+                tracing::error!(error = %e, "creating the initial root user failed; it will be retried at the next start")
+            }
         }
     }
 
@@ -382,7 +408,11 @@ async fn wait_for_signal() {
 }
 
 /// Keeps the gRPC health status in line with readiness.
-async fn health_loop(consensus: Consensus, policy: ReadinessPolicy, reporter: tonic_health::server::HealthReporter) {
+async fn health_loop(
+    consensus: Consensus,
+    policy: ReadinessPolicy,
+    reporter: tonic_health::server::HealthReporter,
+) {
     let mut last: Option<bool> = None;
     loop {
         let ready = metrics::not_ready_reason(&consensus, &policy).is_none();
@@ -420,7 +450,9 @@ async fn publish_attributes(consensus: Consensus, me: MemberNode) {
             })
             .await
         {
-            Ok(()) => tracing::info!(name = %me.name, client = %me.client_urls.join(","), "published member attributes"),
+            Ok(()) => {
+                tracing::info!(name = %me.name, client = %me.client_urls.join(","), "published member attributes")
+            }
             Err(e) => tracing::debug!(error = %e, "publishing member attributes; will retry"),
         }
     }
@@ -432,7 +464,11 @@ async fn quota_loop(api: Api) {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let size = api.consensus.store().disk_size();
         if size > api.limits.quota_bytes && !api.nospace.swap(true, Ordering::Relaxed) {
-            tracing::warn!(size, quota = api.limits.quota_bytes, "database over quota: writes refused (NOSPACE alarm)");
+            tracing::warn!(
+                size,
+                quota = api.limits.quota_bytes,
+                "database over quota: writes refused (NOSPACE alarm)"
+            );
         }
     }
 }
@@ -442,9 +478,13 @@ async fn keyring_reload_loop(sealer: Sealer) {
     loop {
         tokio::time::sleep(Duration::from_secs(10)).await;
         match sealer.reload() {
-            Ok(true) => tracing::info!(active = ?sealer.active_key().map(|k| k.0), "keyring reloaded"),
+            Ok(true) => {
+                tracing::info!(active = ?sealer.active_key().map(|k| k.0), "keyring reloaded")
+            }
             Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "keyring file unreadable; keeping the current keyring"),
+            Err(e) => {
+                tracing::warn!(error = %e, "keyring file unreadable; keeping the current keyring")
+            }
         }
     }
 }

@@ -21,7 +21,11 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 /// Server-side TLS; with `client_ca`, clients must present a certificate it signed.
-pub fn server(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ServerTlsConfig, TlsError> {
+pub fn server(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<ServerTlsConfig, TlsError> {
     let identity = Identity::from_pem(read("certificate", cert)?, read("private key", key)?);
     let mut cfg = ServerTlsConfig::new().identity(identity);
     if let Some(ca) = client_ca {
@@ -37,5 +41,8 @@ pub fn server(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Serve
 pub fn peer_client(cert: &Path, key: &Path, ca: &Path) -> Result<ClientTlsConfig, TlsError> {
     Ok(ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read("peer CA", ca)?))
-        .identity(Identity::from_pem(read("certificate", cert)?, read("private key", key)?)))
+        .identity(Identity::from_pem(
+            read("certificate", cert)?,
+            read("private key", key)?,
+        )))
 }

@@ -1,10 +1,8 @@
 //! Multi-process behaviour of a raftkv cluster: replication, failover, durability, catch-up
 //! through snapshots, bootstrap rules and refusals of bad input.
 
-mod common;
-
-use common::*;
 use raftkv_proto::etcdserverpb as pb;
+use raftkv_testkit::*;
 use std::time::{Duration, Instant};
 use tonic::Code;
 
@@ -24,7 +22,11 @@ async fn write_through_any_node_is_readable_from_every_node() {
                 .await
                 .unwrap()
                 .into_inner();
-            assert_eq!(got.kvs.len(), 1, "member {reader} must see {key} (linearizable read)");
+            assert_eq!(
+                got.kvs.len(),
+                1,
+                "member {reader} must see {key} (linearizable read)"
+            );
             assert_eq!(got.kvs[0].value, format!("value-{writer}").as_bytes());
             let h = got.header.unwrap();
             assert_eq!(h.member_id, c.members[reader].id);
@@ -39,11 +41,18 @@ async fn write_through_any_node_is_readable_from_every_node() {
     req.serializable = true;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let got = kv.range(authed(req.clone(), &c.token)).await.unwrap().into_inner();
+        let got = kv
+            .range(authed(req.clone(), &c.token))
+            .await
+            .unwrap()
+            .into_inner();
         if got.count == 3 {
             break;
         }
-        assert!(Instant::now() < deadline, "serializable read never caught up");
+        assert!(
+            Instant::now() < deadline,
+            "serializable read never caught up"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -90,13 +99,18 @@ async fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
                     matches!(s.code(), Code::Unavailable),
                     "unexpected error during failover: {s:?}"
                 );
-                assert!(killed_at.elapsed() < Duration::from_secs(20), "no failover within 20s");
+                assert!(
+                    killed_at.elapsed() < Duration::from_secs(20),
+                    "no failover within 20s"
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
     }
     let failover = failover.unwrap();
-    println!("FAILOVER: writes resumed {failover:?} after kill -9 of the leader (election timeout 500ms)");
+    println!(
+        "FAILOVER: writes resumed {failover:?} after kill -9 of the leader (election timeout 500ms)"
+    );
     let new_leader = c.leader(Duration::from_secs(10)).await;
     assert_ne!(new_leader, leader);
     for i in &survivors {
@@ -111,7 +125,11 @@ async fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
             .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
             .collect();
         for k in &acknowledged {
-            assert!(keys.contains(k), "acknowledged {k} missing on member {}", i + 1);
+            assert!(
+                keys.contains(k),
+                "acknowledged {k} missing on member {}",
+                i + 1
+            );
         }
     }
     // The killed member comes back and catches up.
@@ -131,9 +149,12 @@ async fn restarting_every_member_keeps_all_data_and_revisions() {
     let mut c = Cluster::start(Options::default());
     let mut kv = c.kv(0).await;
     for n in 0..50 {
-        kv.put(authed(put_req(&format!("p{n:03}"), &format!("v{n}")), &c.token))
-            .await
-            .unwrap();
+        kv.put(authed(
+            put_req(&format!("p{n:03}"), &format!("v{n}")),
+            &c.token,
+        ))
+        .await
+        .unwrap();
     }
     kv.delete_range(authed(
         pb::DeleteRangeRequest {
@@ -152,7 +173,11 @@ async fn restarting_every_member_keeps_all_data_and_revisions() {
         .into_inner();
     let mut old = prefix_req("p");
     old.revision = 20;
-    let before_old = kv.range(authed(old.clone(), &c.token)).await.unwrap().into_inner();
+    let before_old = kv
+        .range(authed(old.clone(), &c.token))
+        .await
+        .unwrap()
+        .into_inner();
     for i in 0..3 {
         c.kill(i);
     }
@@ -172,7 +197,11 @@ async fn restarting_every_member_keeps_all_data_and_revisions() {
             after.header.as_ref().unwrap().revision,
             before.header.as_ref().unwrap().revision
         );
-        let after_old = kv.range(authed(old.clone(), &c.token)).await.unwrap().into_inner();
+        let after_old = kv
+            .range(authed(old.clone(), &c.token))
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(after_old.kvs, before_old.kvs, "history survives a restart");
     }
 }
@@ -190,9 +219,12 @@ async fn a_stopped_follower_catches_up_through_a_snapshot() {
     let mut kv = c.kv(leader).await;
     let writes = 2000;
     for n in 0..writes {
-        kv.put(authed(put_req(&format!("s{n:05}"), &"x".repeat(100)), &c.token))
-            .await
-            .unwrap();
+        kv.put(authed(
+            put_req(&format!("s{n:05}"), &"x".repeat(100)),
+            &c.token,
+        ))
+        .await
+        .unwrap();
     }
     let leader_status = c.status(leader).await.unwrap();
     c.spawn(follower);
@@ -221,14 +253,16 @@ async fn a_stopped_follower_catches_up_through_a_snapshot() {
         c.log_tail(follower)
     );
     let (_, metrics) = c.http_get(follower, "/metrics").unwrap();
-    assert!(metrics.contains("raftkv_raft_snapshot_installs_total{member=\"") );
+    assert!(metrics.contains("raftkv_raft_snapshot_installs_total{member=\""));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_data_dir_of_another_cluster_is_refused_and_restarts_never_reinitialize() {
     let mut c = Cluster::start(Options::default());
     let mut kv = c.kv(0).await;
-    kv.put(authed(put_req("keep", "me"), &c.token)).await.unwrap();
+    kv.put(authed(put_req("keep", "me"), &c.token))
+        .await
+        .unwrap();
     c.stop(0);
     // Same data directory, other cluster token: refused with a clear message.
     c.cluster_token = "someone-else".into();
@@ -243,7 +277,11 @@ async fn a_data_dir_of_another_cluster_is_refused_and_restarts_never_reinitializ
     let log = std::fs::read_to_string(&c.members[0].log).unwrap();
     assert_eq!(log.matches("initialized a new cluster").count(), 1);
     let mut kv = c.kv(0).await;
-    let got = kv.range(authed(get_req("keep"), &c.token)).await.unwrap().into_inner();
+    let got = kv
+        .range(authed(get_req("keep"), &c.token))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got.kvs[0].value, b"me");
 }
 
@@ -256,10 +294,20 @@ async fn bad_input_gets_etcds_status_codes_and_changes_nothing() {
     let mut kv = c.kv(1).await;
     let t = &c.token;
     kv.put(authed(put_req("a", "1"), t)).await.unwrap();
-    let rev_before = kv.range(authed(get_req("a"), t)).await.unwrap().into_inner().header.unwrap().revision;
+    let rev_before = kv
+        .range(authed(get_req("a"), t))
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
 
     let s = kv.put(authed(put_req("", "x"), t)).await.unwrap_err();
-    assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "etcdserver: key is not provided"));
+    assert_eq!(
+        (s.code(), s.message()),
+        (Code::InvalidArgument, "etcdserver: key is not provided")
+    );
     let s = kv.range(authed(get_req(""), t)).await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
 
@@ -268,12 +316,18 @@ async fn bad_input_gets_etcds_status_codes_and_changes_nothing() {
     let s = kv.range(authed(future, t)).await.unwrap_err();
     assert_eq!(
         (s.code(), s.message()),
-        (Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision")
+        (
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision is a future revision"
+        )
     );
 
     let big = "x".repeat(70_000);
     let s = kv.put(authed(put_req("big", &big), t)).await.unwrap_err();
-    assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "etcdserver: request is too large"));
+    assert_eq!(
+        (s.code(), s.message()),
+        (Code::InvalidArgument, "etcdserver: request is too large")
+    );
 
     let bad_compare = pb::TxnRequest {
         compare: vec![pb::Compare {
@@ -288,7 +342,11 @@ async fn bad_input_gets_etcds_status_codes_and_changes_nothing() {
     };
     let s = kv.txn(authed(bad_compare, t)).await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
-    assert!(s.message().contains("unknown compare target 42"), "{}", s.message());
+    assert!(
+        s.message().contains("unknown compare target 42"),
+        "{}",
+        s.message()
+    );
 
     let dup = pb::TxnRequest {
         success: vec![
@@ -304,7 +362,10 @@ async fn bad_input_gets_etcds_status_codes_and_changes_nothing() {
     let s = kv.txn(authed(dup, t)).await.unwrap_err();
     assert_eq!(
         (s.code(), s.message()),
-        (Code::InvalidArgument, "etcdserver: duplicate key given in txn request")
+        (
+            Code::InvalidArgument,
+            "etcdserver: duplicate key given in txn request"
+        )
     );
 
     // A txn whose second put fails its check applies nothing at all.
@@ -324,7 +385,10 @@ async fn bad_input_gets_etcds_status_codes_and_changes_nothing() {
         ..Default::default()
     };
     let s = kv.txn(authed(half, t)).await.unwrap_err();
-    assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "etcdserver: key not found"));
+    assert_eq!(
+        (s.code(), s.message()),
+        (Code::InvalidArgument, "etcdserver: key not found")
+    );
 
     let backwards = pb::RangeRequest {
         key: b"z".to_vec(),
@@ -335,25 +399,51 @@ async fn bad_input_gets_etcds_status_codes_and_changes_nothing() {
     assert!(got.kvs.is_empty() && got.count == 0);
 
     let got = kv.range(authed(prefix_req(""), t)).await;
-    assert!(got.is_err(), "an empty key is refused even with a range end");
+    assert!(
+        got.is_err(),
+        "an empty key is refused even with a range end"
+    );
 
-    let after = kv.range(authed(get_req("new"), t)).await.unwrap().into_inner();
+    let after = kv
+        .range(authed(get_req("new"), t))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(after.kvs.is_empty(), "nothing half-applied");
     let rev_after = after.header.unwrap().revision;
-    assert_eq!(rev_before, rev_after, "refused requests must not change the store");
+    assert_eq!(
+        rev_before, rev_after,
+        "refused requests must not change the store"
+    );
 
     // Compaction: a read below the compaction point gets etcd's error.
     kv.put(authed(put_req("a", "2"), t)).await.unwrap();
     kv.put(authed(put_req("a", "3"), t)).await.unwrap();
-    let cur = kv.range(authed(get_req("a"), t)).await.unwrap().into_inner().header.unwrap().revision;
-    kv.compact(authed(pb::CompactionRequest { revision: cur, physical: true }, t))
+    let cur = kv
+        .range(authed(get_req("a"), t))
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    kv.compact(authed(
+        pb::CompactionRequest {
+            revision: cur,
+            physical: true,
+        },
+        t,
+    ))
+    .await
+    .unwrap();
     let mut old = get_req("a");
     old.revision = cur - 1;
     let s = kv.range(authed(old, t)).await.unwrap_err();
     assert_eq!(
         (s.code(), s.message()),
-        (Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted")
+        (
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision has been compacted"
+        )
     );
 }

@@ -20,13 +20,25 @@ impl AuthService {
         AuthService { api }
     }
 
-    async fn change(&self, principal: Principal, cmd: AuthCommand) -> Result<Option<pb::ResponseHeader>, Status> {
-        let (_, rev) = self.api.propose(Some(principal), None, Command::Auth(cmd)).await?;
+    async fn change(
+        &self,
+        principal: Principal,
+        cmd: AuthCommand,
+    ) -> Result<Option<pb::ResponseHeader>, Status> {
+        let (_, rev) = self
+            .api
+            .propose(Some(principal), None, Command::Auth(cmd))
+            .await?;
         Ok(self.api.header(rev))
     }
 
     /// Reading users and roles: administrators see all, others only themselves.
-    fn may_read(&self, principal: &Principal, user: Option<&str>, role: Option<&str>) -> Result<(), Status> {
+    fn may_read(
+        &self,
+        principal: &Principal,
+        user: Option<&str>,
+        role: Option<&str>,
+    ) -> Result<(), Status> {
         let view = self
             .api
             .consensus
@@ -55,13 +67,20 @@ impl AuthService {
         Err(status::denied())
     }
 
-    async fn hash(&self, plain: String, hashed: String, no_password: bool) -> Result<Option<String>, Status> {
+    async fn hash(
+        &self,
+        plain: String,
+        hashed: String,
+        no_password: bool,
+    ) -> Result<Option<String>, Status> {
         if no_password {
             return Ok(None);
         }
         if !hashed.is_empty() {
             if !password::is_bcrypt_hash(&hashed) {
-                return Err(status::invalid("etcdserver: hashedPassword is not a bcrypt hash"));
+                return Err(status::invalid(
+                    "etcdserver: hashedPassword is not a bcrypt hash",
+                ));
             }
             return Ok(Some(hashed));
         }
@@ -89,31 +108,45 @@ fn require_name(name: &str, empty: &str) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl Auth for AuthService {
-    async fn auth_enable(&self, req: Request<pb::AuthEnableRequest>) -> Result<Response<pb::AuthEnableResponse>, Status> {
+    async fn auth_enable(
+        &self,
+        req: Request<pb::AuthEnableRequest>,
+    ) -> Result<Response<pb::AuthEnableResponse>, Status> {
         let p = Api::principal(&req)?;
         Ok(Response::new(pb::AuthEnableResponse {
             header: self.change(p, AuthCommand::Enable).await?,
         }))
     }
 
-    async fn auth_disable(&self, req: Request<pb::AuthDisableRequest>) -> Result<Response<pb::AuthDisableResponse>, Status> {
+    async fn auth_disable(
+        &self,
+        req: Request<pb::AuthDisableRequest>,
+    ) -> Result<Response<pb::AuthDisableResponse>, Status> {
         let p = Api::principal(&req)?;
         Ok(Response::new(pb::AuthDisableResponse {
             header: self.change(p, AuthCommand::Disable).await?,
         }))
     }
 
-    async fn auth_status(&self, req: Request<pb::AuthStatusRequest>) -> Result<Response<pb::AuthStatusResponse>, Status> {
+    async fn auth_status(
+        &self,
+        req: Request<pb::AuthStatusRequest>,
+    ) -> Result<Response<pb::AuthStatusResponse>, Status> {
         Api::principal(&req)?;
         let store = self.api.consensus.store();
         Ok(Response::new(pb::AuthStatusResponse {
             header: self.api.header(0),
             enabled: store.enabled().map_err(|e| status::from_storage(&e))?,
-            auth_revision: store.auth_revision().map_err(|e| status::from_storage(&e))?,
+            auth_revision: store
+                .auth_revision()
+                .map_err(|e| status::from_storage(&e))?,
         }))
     }
 
-    async fn authenticate(&self, req: Request<pb::AuthenticateRequest>) -> Result<Response<pb::AuthenticateResponse>, Status> {
+    async fn authenticate(
+        &self,
+        req: Request<pb::AuthenticateRequest>,
+    ) -> Result<Response<pb::AuthenticateResponse>, Status> {
         let r = req.into_inner();
         self.api.linearize().await?;
         let store = self.api.consensus.store();
@@ -140,35 +173,44 @@ impl Auth for AuthService {
         if !ok {
             return Err(fail());
         }
-        let token = self
-            .api
-            .authn
-            .issue(&r.name, &[])
-            .map_err(|e| Status::failed_precondition(format!("etcdserver: cannot issue a token: {e}")))?;
+        let token = self.api.authn.issue(&r.name, &[]).map_err(|e| {
+            Status::failed_precondition(format!("etcdserver: cannot issue a token: {e}"))
+        })?;
         Ok(Response::new(pb::AuthenticateResponse {
             header: self.api.header(0),
             token,
         }))
     }
 
-    async fn user_add(&self, req: Request<pb::AuthUserAddRequest>) -> Result<Response<pb::AuthUserAddResponse>, Status> {
+    async fn user_add(
+        &self,
+        req: Request<pb::AuthUserAddRequest>,
+    ) -> Result<Response<pb::AuthUserAddResponse>, Status> {
         let p = Api::principal(&req)?;
         let r = req.into_inner();
         require_name(&r.name, status::USER_EMPTY)?;
         self.api.require_admin(&p)?;
         let no_password = r.options.map(|o| o.no_password).unwrap_or(false);
-        let password_hash = self.hash(r.password, r.hashed_password, no_password).await?;
+        let password_hash = self
+            .hash(r.password, r.hashed_password, no_password)
+            .await?;
         Ok(Response::new(pb::AuthUserAddResponse {
             header: self
-                .change(p, AuthCommand::UserAdd {
-                    name: r.name,
-                    password_hash,
-                })
+                .change(
+                    p,
+                    AuthCommand::UserAdd {
+                        name: r.name,
+                        password_hash,
+                    },
+                )
                 .await?,
         }))
     }
 
-    async fn user_get(&self, req: Request<pb::AuthUserGetRequest>) -> Result<Response<pb::AuthUserGetResponse>, Status> {
+    async fn user_get(
+        &self,
+        req: Request<pb::AuthUserGetRequest>,
+    ) -> Result<Response<pb::AuthUserGetResponse>, Status> {
         let p = Api::principal(&req)?;
         let name = req.into_inner().name;
         self.may_read(&p, Some(&name), None)?;
@@ -185,7 +227,10 @@ impl Auth for AuthService {
         }))
     }
 
-    async fn user_list(&self, req: Request<pb::AuthUserListRequest>) -> Result<Response<pb::AuthUserListResponse>, Status> {
+    async fn user_list(
+        &self,
+        req: Request<pb::AuthUserListRequest>,
+    ) -> Result<Response<pb::AuthUserListResponse>, Status> {
         let p = Api::principal(&req)?;
         self.may_read(&p, None, None)?;
         Ok(Response::new(pb::AuthUserListResponse {
@@ -199,7 +244,10 @@ impl Auth for AuthService {
         }))
     }
 
-    async fn user_delete(&self, req: Request<pb::AuthUserDeleteRequest>) -> Result<Response<pb::AuthUserDeleteResponse>, Status> {
+    async fn user_delete(
+        &self,
+        req: Request<pb::AuthUserDeleteRequest>,
+    ) -> Result<Response<pb::AuthUserDeleteResponse>, Status> {
         let p = Api::principal(&req)?;
         let name = req.into_inner().name;
         require_name(&name, status::USER_EMPTY)?;
@@ -221,10 +269,13 @@ impl Auth for AuthService {
         };
         Ok(Response::new(pb::AuthUserChangePasswordResponse {
             header: self
-                .change(p, AuthCommand::UserChangePassword {
-                    name: r.name,
-                    password_hash,
-                })
+                .change(
+                    p,
+                    AuthCommand::UserChangePassword {
+                        name: r.name,
+                        password_hash,
+                    },
+                )
                 .await?,
         }))
     }
@@ -239,10 +290,13 @@ impl Auth for AuthService {
         require_name(&r.role, status::ROLE_EMPTY)?;
         Ok(Response::new(pb::AuthUserGrantRoleResponse {
             header: self
-                .change(p, AuthCommand::UserGrantRole {
-                    user: r.user,
-                    role: r.role,
-                })
+                .change(
+                    p,
+                    AuthCommand::UserGrantRole {
+                        user: r.user,
+                        role: r.role,
+                    },
+                )
                 .await?,
         }))
     }
@@ -256,15 +310,21 @@ impl Auth for AuthService {
         require_name(&r.name, status::USER_EMPTY)?;
         Ok(Response::new(pb::AuthUserRevokeRoleResponse {
             header: self
-                .change(p, AuthCommand::UserRevokeRole {
-                    user: r.name,
-                    role: r.role,
-                })
+                .change(
+                    p,
+                    AuthCommand::UserRevokeRole {
+                        user: r.name,
+                        role: r.role,
+                    },
+                )
                 .await?,
         }))
     }
 
-    async fn role_add(&self, req: Request<pb::AuthRoleAddRequest>) -> Result<Response<pb::AuthRoleAddResponse>, Status> {
+    async fn role_add(
+        &self,
+        req: Request<pb::AuthRoleAddRequest>,
+    ) -> Result<Response<pb::AuthRoleAddResponse>, Status> {
         let p = Api::principal(&req)?;
         let name = req.into_inner().name;
         require_name(&name, status::ROLE_EMPTY)?;
@@ -273,7 +333,10 @@ impl Auth for AuthService {
         }))
     }
 
-    async fn role_get(&self, req: Request<pb::AuthRoleGetRequest>) -> Result<Response<pb::AuthRoleGetResponse>, Status> {
+    async fn role_get(
+        &self,
+        req: Request<pb::AuthRoleGetRequest>,
+    ) -> Result<Response<pb::AuthRoleGetResponse>, Status> {
         let p = Api::principal(&req)?;
         let name = req.into_inner().role;
         self.may_read(&p, None, Some(&name))?;
@@ -294,7 +357,10 @@ impl Auth for AuthService {
         }))
     }
 
-    async fn role_list(&self, req: Request<pb::AuthRoleListRequest>) -> Result<Response<pb::AuthRoleListResponse>, Status> {
+    async fn role_list(
+        &self,
+        req: Request<pb::AuthRoleListRequest>,
+    ) -> Result<Response<pb::AuthRoleListResponse>, Status> {
         let p = Api::principal(&req)?;
         self.may_read(&p, None, None)?;
         Ok(Response::new(pb::AuthRoleListResponse {
@@ -308,7 +374,10 @@ impl Auth for AuthService {
         }))
     }
 
-    async fn role_delete(&self, req: Request<pb::AuthRoleDeleteRequest>) -> Result<Response<pb::AuthRoleDeleteResponse>, Status> {
+    async fn role_delete(
+        &self,
+        req: Request<pb::AuthRoleDeleteRequest>,
+    ) -> Result<Response<pb::AuthRoleDeleteResponse>, Status> {
         let p = Api::principal(&req)?;
         let name = req.into_inner().role;
         require_name(&name, status::ROLE_EMPTY)?;
@@ -351,11 +420,14 @@ impl Auth for AuthService {
         require_name(&r.role, status::ROLE_EMPTY)?;
         Ok(Response::new(pb::AuthRoleRevokePermissionResponse {
             header: self
-                .change(p, AuthCommand::RoleRevokePermission {
-                    name: r.role,
-                    key: r.key,
-                    range_end: r.range_end,
-                })
+                .change(
+                    p,
+                    AuthCommand::RoleRevokePermission {
+                        name: r.role,
+                        key: r.key,
+                        range_end: r.range_end,
+                    },
+                )
                 .await?,
         }))
     }

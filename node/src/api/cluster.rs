@@ -46,8 +46,15 @@ pub fn derive_member_id(peer_url: &str) -> NodeId {
 
 fn check_url(u: &str) -> Result<(), Status> {
     let ok = (u.starts_with("http://") || u.starts_with("https://"))
-        && u.split("://").nth(1).map(|rest| rest.contains(':') && !rest.contains('/')).unwrap_or(false);
-    if ok { Ok(()) } else { Err(status::invalid(status::BAD_URLS)) }
+        && u.split("://")
+            .nth(1)
+            .map(|rest| rest.contains(':') && !rest.contains('/'))
+            .unwrap_or(false);
+    if ok {
+        Ok(())
+    } else {
+        Err(status::invalid(status::BAD_URLS))
+    }
 }
 
 impl ClusterService {
@@ -99,9 +106,15 @@ impl Cluster for ClusterService {
             client_urls: Vec::new(),
         };
         let change = if r.is_learner {
-            MembershipChange::AddLearner { id, node: node.clone() }
+            MembershipChange::AddLearner {
+                id,
+                node: node.clone(),
+            }
         } else {
-            MembershipChange::AddVoter { id, node: node.clone() }
+            MembershipChange::AddVoter {
+                id,
+                node: node.clone(),
+            }
         };
         self.change(change).await?;
         tracing::info!(member = id, %peer_url, learner = r.is_learner, "member added");
@@ -151,14 +164,18 @@ impl Cluster for ClusterService {
         let Some(node) = s.nodes.get(&r.id) else {
             return Err(Status::not_found(status::MEMBER_NOT_FOUND));
         };
-        if s.nodes.iter().any(|(id, n)| *id != r.id && &n.peer_url == peer_url) {
+        if s.nodes
+            .iter()
+            .any(|(id, n)| *id != r.id && &n.peer_url == peer_url)
+        {
             return Err(Status::failed_precondition(status::PEER_URL_EXISTS));
         }
         let node = MemberNode {
             peer_url: peer_url.clone(),
             ..node.clone()
         };
-        self.change(MembershipChange::UpdateNode { id: r.id, node }).await?;
+        self.change(MembershipChange::UpdateNode { id: r.id, node })
+            .await?;
         Ok(Response::new(pb::MemberUpdateResponse {
             header: self.api.header(0),
             members: self.members_after().await?,
@@ -212,7 +229,13 @@ mod tests {
         assert!(check_url("https://a.b.svc:2380").is_ok());
         assert!(check_url("10.0.0.1:2380").is_err());
         assert!(check_url("http://host").is_err());
-        assert_eq!(derive_member_id("http://a:1"), derive_member_id("http://a:1"));
-        assert_ne!(derive_member_id("http://a:1"), derive_member_id("http://b:1"));
+        assert_eq!(
+            derive_member_id("http://a:1"),
+            derive_member_id("http://a:1")
+        );
+        assert_ne!(
+            derive_member_id("http://a:1"),
+            derive_member_id("http://b:1")
+        );
     }
 }

@@ -93,7 +93,10 @@ fn compare_in(c: pb::Compare) -> Result<Compare, Status> {
         }
     };
     let num = |u: &Option<U>| match u {
-        Some(U::Version(v)) | Some(U::CreateRevision(v)) | Some(U::ModRevision(v)) | Some(U::Lease(v)) => *v,
+        Some(U::Version(v))
+        | Some(U::CreateRevision(v))
+        | Some(U::ModRevision(v))
+        | Some(U::Lease(v)) => *v,
         _ => 0,
     };
     let target = match T::try_from(c.target) {
@@ -127,13 +130,19 @@ fn op_in(op: pb::RequestOp) -> Result<RequestOp, Status> {
         Some(R::RequestPut(p)) => Ok(RequestOp::Put(put_in(p)?)),
         Some(R::RequestDeleteRange(d)) => Ok(RequestOp::Delete(delete_in(d)?)),
         Some(R::RequestTxn(t)) => Ok(RequestOp::Txn(txn_in(t)?)),
-        None => Err(invalid("etcdserver: a txn operation is empty (no range, put, delete or txn)")),
+        None => Err(invalid(
+            "etcdserver: a txn operation is empty (no range, put, delete or txn)",
+        )),
     }
 }
 
 pub fn txn_in(t: pb::TxnRequest) -> Result<TxnRequest, Status> {
     Ok(TxnRequest {
-        compare: t.compare.into_iter().map(compare_in).collect::<Result<_, _>>()?,
+        compare: t
+            .compare
+            .into_iter()
+            .map(compare_in)
+            .collect::<Result<_, _>>()?,
         success: t.success.into_iter().map(op_in).collect::<Result<_, _>>()?,
         failure: t.failure.into_iter().map(op_in).collect::<Result<_, _>>()?,
     })
@@ -179,7 +188,11 @@ pub fn range_out(
     })
 }
 
-pub fn put_out(r: PutResult, header: Option<pb::ResponseHeader>, open: Open<'_>) -> Result<pb::PutResponse, Status> {
+pub fn put_out(
+    r: PutResult,
+    header: Option<pb::ResponseHeader>,
+    open: Open<'_>,
+) -> Result<pb::PutResponse, Status> {
     Ok(pb::PutResponse {
         header,
         prev_kv: r.prev_kv.map(|kv| kv_out(kv, open)).transpose()?,
@@ -218,16 +231,26 @@ pub fn txn_out(
             ..Default::default()
         })
     };
-    let ops = if t.succeeded { &req.success } else { &req.failure };
+    let ops = if t.succeeded {
+        &req.success
+    } else {
+        &req.failure
+    };
     let mut responses = Vec::with_capacity(t.responses.len());
     for (resp, op) in t.responses.into_iter().zip(ops.iter()) {
         let r = match (resp, op) {
-            (ResponseOp::Range(r), RequestOp::Range(q)) => R::ResponseRange(range_out(r, inner(), q.keys_only, open)?),
+            (ResponseOp::Range(r), RequestOp::Range(q)) => {
+                R::ResponseRange(range_out(r, inner(), q.keys_only, open)?)
+            }
             (ResponseOp::Range(r), _) => R::ResponseRange(range_out(r, inner(), false, open)?),
             (ResponseOp::Put(p), _) => R::ResponsePut(put_out(p, inner(), open)?),
             (ResponseOp::Delete(d), _) => R::ResponseDeleteRange(delete_out(d, inner(), open)?),
-            (ResponseOp::Txn(t), RequestOp::Txn(q)) => R::ResponseTxn(txn_out(t, q, inner(), open)?),
-            (ResponseOp::Txn(t), _) => R::ResponseTxn(txn_out(t, &TxnRequest::default(), inner(), open)?),
+            (ResponseOp::Txn(t), RequestOp::Txn(q)) => {
+                R::ResponseTxn(txn_out(t, q, inner(), open)?)
+            }
+            (ResponseOp::Txn(t), _) => {
+                R::ResponseTxn(txn_out(t, &TxnRequest::default(), inner(), open)?)
+            }
         };
         responses.push(pb::ResponseOp { response: Some(r) });
     }

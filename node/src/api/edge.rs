@@ -83,7 +83,10 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl<S, B> Service<http::Request<B>> for Edge<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
 {
@@ -153,7 +156,10 @@ mod tests {
 
     #[test]
     fn method_names_and_exemptions() {
-        assert_eq!(names("/etcdserverpb.KV/Range"), ("KV".into(), "Range".into()));
+        assert_eq!(
+            names("/etcdserverpb.KV/Range"),
+            ("KV".into(), "Range".into())
+        );
         assert!(is_exempt("/grpc.health.v1.Health/Check"));
         assert!(is_exempt("/etcdserverpb.Auth/Authenticate"));
         assert!(!is_exempt("/etcdserverpb.Auth/UserAdd"));

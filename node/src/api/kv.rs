@@ -37,11 +37,14 @@ fn seal_txn(api: &Api, t: &mut TxnRequest) -> Result<(), Status> {
 
 fn all_ranges_serializable(t: &pb::TxnRequest) -> bool {
     use pb::request_op::Request as R;
-    t.success.iter().chain(t.failure.iter()).all(|op| match &op.request {
-        Some(R::RequestRange(r)) => r.serializable,
-        Some(R::RequestTxn(inner)) => all_ranges_serializable(inner),
-        _ => true,
-    })
+    t.success
+        .iter()
+        .chain(t.failure.iter())
+        .all(|op| match &op.request {
+            Some(R::RequestRange(r)) => r.serializable,
+            Some(R::RequestTxn(inner)) => all_ranges_serializable(inner),
+            _ => true,
+        })
 }
 
 impl KvService {
@@ -52,7 +55,10 @@ impl KvService {
 
 #[tonic::async_trait]
 impl Kv for KvService {
-    async fn range(&self, req: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+    async fn range(
+        &self,
+        req: Request<pb::RangeRequest>,
+    ) -> Result<Response<pb::RangeResponse>, Status> {
         let principal = Api::principal(&req)?;
         let raw = req.into_inner();
         let serializable = raw.serializable;
@@ -80,7 +86,12 @@ impl Kv for KvService {
         drop(view);
         let header = self.api.header(result.revision);
         let open = self.opener();
-        Ok(Response::new(convert::range_out(result, header, r.keys_only, &open)?))
+        Ok(Response::new(convert::range_out(
+            result,
+            header,
+            r.keys_only,
+            &open,
+        )?))
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
@@ -95,12 +106,19 @@ impl Kv for KvService {
             p.value = self.api.seal(&p.key, &p.value)?;
             key
         };
-        let (out, revision) = self.api.propose(Some(principal), key, Command::Put(p)).await?;
+        let (out, revision) = self
+            .api
+            .propose(Some(principal), key, Command::Put(p))
+            .await?;
         let ApplyOutput::Put(result) = out else {
             return Err(Status::internal("unexpected put result"));
         };
         let open = self.opener();
-        Ok(Response::new(convert::put_out(result, self.api.header(revision), &open)?))
+        Ok(Response::new(convert::put_out(
+            result,
+            self.api.header(revision),
+            &open,
+        )?))
     }
 
     async fn delete_range(
@@ -110,12 +128,19 @@ impl Kv for KvService {
         let principal = Api::principal(&req)?;
         self.api.check_size(req.get_ref())?;
         let d = convert::delete_in(req.into_inner())?;
-        let (out, revision) = self.api.propose(Some(principal), None, Command::Delete(d)).await?;
+        let (out, revision) = self
+            .api
+            .propose(Some(principal), None, Command::Delete(d))
+            .await?;
         let ApplyOutput::Delete(result) = out else {
             return Err(Status::internal("unexpected delete result"));
         };
         let open = self.opener();
-        Ok(Response::new(convert::delete_out(result, self.api.header(revision), &open)?))
+        Ok(Response::new(convert::delete_out(
+            result,
+            self.api.header(revision),
+            &open,
+        )?))
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
@@ -146,7 +171,12 @@ impl Kv for KvService {
                 .map_err(|e| status::from_read(&e))?;
             let revision = view.revision;
             drop(view);
-            return Ok(Response::new(convert::txn_out(result, &t, self.api.header(revision), &open)?));
+            return Ok(Response::new(convert::txn_out(
+                result,
+                &t,
+                self.api.header(revision),
+                &open,
+            )?));
         }
         self.api.check_space()?;
         let key = self.api.sealing_key()?;
@@ -159,7 +189,12 @@ impl Kv for KvService {
         let ApplyOutput::Txn(result) = out else {
             return Err(Status::internal("unexpected txn result"));
         };
-        Ok(Response::new(convert::txn_out(result, &t, self.api.header(revision), &open)?))
+        Ok(Response::new(convert::txn_out(
+            result,
+            &t,
+            self.api.header(revision),
+            &open,
+        )?))
     }
 
     async fn compact(

@@ -105,11 +105,15 @@ impl LeaseKeeper {
 
     fn remaining_local(&self, id: i64) -> Result<i64, crate::storage::StorageError> {
         self.sync_clock()?;
-        let c = self.clock.lock().map_err(|_| {
-            crate::storage::StorageError::Other("lease clock poisoned".into())
-        })?;
+        let c = self
+            .clock
+            .lock()
+            .map_err(|_| crate::storage::StorageError::Other("lease clock poisoned".into()))?;
         Ok(match c.deadlines.get(&id) {
-            Some(d) => d.saturating_duration_since(Instant::now()).as_secs_f64().ceil() as i64,
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .as_secs_f64()
+                .ceil() as i64,
             None => -1,
         })
     }
@@ -152,7 +156,9 @@ impl LeaseKeeper {
             for id in expired {
                 match api.propose(None, None, Command::LeaseRevoke { id }).await {
                     Ok(_) => tracing::info!(lease = id, "lease expired and was revoked"),
-                    Err(s) => tracing::warn!(lease = id, error = %s.message(), "revoking an expired lease"),
+                    Err(s) => {
+                        tracing::warn!(lease = id, error = %s.message(), "revoking an expired lease")
+                    }
                 }
             }
         }
@@ -169,7 +175,8 @@ impl LeaseService {
     }
 }
 
-type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
+type KeepAliveStream =
+    Pin<Box<dyn Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Lease for LeaseService {
@@ -230,8 +237,16 @@ impl Lease for LeaseService {
             let api = api.clone();
             async move {
                 let r = item?;
-                let ttl = api.leases.ask_leader(LeaderRequest::KeepAlive(r.id)).await?;
-                let rev = api.consensus.store().revisions().map(|(r, _)| r).unwrap_or(0);
+                let ttl = api
+                    .leases
+                    .ask_leader(LeaderRequest::KeepAlive(r.id))
+                    .await?;
+                let rev = api
+                    .consensus
+                    .store()
+                    .revisions()
+                    .map(|(r, _)| r)
+                    .unwrap_or(0);
                 Ok(pb::LeaseKeepAliveResponse {
                     header: api.header(rev),
                     id: r.id,
@@ -248,7 +263,11 @@ impl Lease for LeaseService {
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
         Api::principal(&req)?;
         let r = req.into_inner();
-        let ttl = self.api.leases.ask_leader(LeaderRequest::TimeToLive(r.id)).await?;
+        let ttl = self
+            .api
+            .leases
+            .ask_leader(LeaderRequest::TimeToLive(r.id))
+            .await?;
         let view = self
             .api
             .consensus
@@ -262,7 +281,8 @@ impl Lease for LeaseService {
             .find(|(id, _)| *id == r.id)
             .map(|(_, t)| t);
         let keys = if r.keys && granted.is_some() {
-            view.lease_keys(r.id).map_err(|e| status::from_storage(&e))?
+            view.lease_keys(r.id)
+                .map_err(|e| status::from_storage(&e))?
         } else {
             Vec::new()
         };

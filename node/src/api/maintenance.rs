@@ -38,7 +38,10 @@ type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Sta
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
-    async fn alarm(&self, req: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
+    async fn alarm(
+        &self,
+        req: Request<pb::AlarmRequest>,
+    ) -> Result<Response<pb::AlarmResponse>, Status> {
         let principal = Api::principal(&req)?;
         let r = req.into_inner();
         use pb::alarm_request::AlarmAction;
@@ -72,7 +75,10 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         Api::principal(&req)?;
         let s = self.api.consensus.status();
         let store = self.api.consensus.store();
@@ -113,27 +119,37 @@ impl Maintenance for MaintenanceService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| status::from_storage(&e))?;
-        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "defragmented the database");
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "defragmented the database"
+        );
         Ok(Response::new(pb::DefragmentResponse {
             header: self.api.header(0),
         }))
     }
 
-    async fn hash(&self, req: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
+    async fn hash(
+        &self,
+        req: Request<pb::HashRequest>,
+    ) -> Result<Response<pb::HashResponse>, Status> {
         let principal = Api::principal(&req)?;
         self.api.require_admin(&principal)?;
         let store = self.api.consensus.store().clone();
-        let (hash, rev) = tokio::task::spawn_blocking(move || store.hash_kv(0).map(|(h, _, r)| (h, r)))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| status::from_read(&e))?;
+        let (hash, rev) =
+            tokio::task::spawn_blocking(move || store.hash_kv(0).map(|(h, _, r)| (h, r)))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| status::from_read(&e))?;
         Ok(Response::new(pb::HashResponse {
             header: self.api.header(rev),
             hash,
         }))
     }
 
-    async fn hash_kv(&self, req: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
+    async fn hash_kv(
+        &self,
+        req: Request<pb::HashKvRequest>,
+    ) -> Result<Response<pb::HashKvResponse>, Status> {
         let principal = Api::principal(&req)?;
         self.api.require_admin(&principal)?;
         let revision = req.into_inner().revision;
@@ -152,14 +168,17 @@ impl Maintenance for MaintenanceService {
 
     type SnapshotStream = SnapshotStream;
 
-    async fn snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+    async fn snapshot(
+        &self,
+        req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
         let principal = Api::principal(&req)?;
         self.api.require_admin(&principal)?;
         let store = self.api.consensus.store().clone();
-        let path = store.dir().join("snapshots").join(format!(
-            "backup-{:016x}",
-            rand::random::<u64>()
-        ));
+        let path = store
+            .dir()
+            .join("snapshots")
+            .join(format!("backup-{:016x}", rand::random::<u64>()));
         let p = path.clone();
         tokio::task::spawn_blocking(move || crate::storage::snapshot::build(&store, &p))
             .await
@@ -169,7 +188,13 @@ impl Maintenance for MaintenanceService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         let _ = tokio::fs::remove_file(&path).await;
-        let rev = self.api.consensus.store().revisions().map(|(r, _)| r).unwrap_or(0);
+        let rev = self
+            .api
+            .consensus
+            .store()
+            .revisions()
+            .map(|(r, _)| r)
+            .unwrap_or(0);
         let header = self.api.header(rev);
         let total = data.len();
         let chunks: Vec<Result<pb::SnapshotResponse, Status>> = data

@@ -105,7 +105,11 @@ impl Api {
     }
 
     /// What `principal` may do, per this node's current replicated roles.
-    pub fn grants(&self, view: &crate::storage::mvcc::ReadView<'_>, principal: &Principal) -> Result<Grants, Status> {
+    pub fn grants(
+        &self,
+        view: &crate::storage::mvcc::ReadView<'_>,
+        principal: &Principal,
+    ) -> Result<Grants, Status> {
         view.grants(Some(principal))
             .map_err(|e| status::from_storage(&e))
     }
@@ -113,7 +117,10 @@ impl Api {
     /// Decrypts a stored value for a response.
     pub fn open(&self, key: &[u8], stored: Vec<u8>) -> Result<Vec<u8>, Status> {
         self.sealer.open(key, &stored).map_err(|e| {
-            self.metrics.crypto_errors.with_label_values(&["decrypt"]).inc();
+            self.metrics
+                .crypto_errors
+                .with_label_values(&["decrypt"])
+                .inc();
             status::undecryptable(key, &e)
         })
     }
@@ -126,7 +133,10 @@ impl Api {
         let used = crate::apply::key_usage(self.consensus.store(), id)
             .map_err(|e| status::from_storage(&e))?;
         if used >= self.sealer.usage_limit {
-            self.metrics.crypto_errors.with_label_values(&["key_exhausted"]).inc();
+            self.metrics
+                .crypto_errors
+                .with_label_values(&["key_exhausted"])
+                .inc();
             return Err(Status::resource_exhausted(format!(
                 "encryption key {id} has sealed {used} values, its limit of {}; add a new key to \
                  the keyring, make it active and retry",
@@ -138,7 +148,10 @@ impl Api {
 
     pub fn seal(&self, key: &[u8], value: &[u8]) -> Result<Vec<u8>, Status> {
         self.sealer.seal(key, value).map_err(|e| {
-            self.metrics.crypto_errors.with_label_values(&["encrypt"]).inc();
+            self.metrics
+                .crypto_errors
+                .with_label_values(&["encrypt"])
+                .inc();
             Status::internal(format!("etcdserver: encrypting the value failed: {e}"))
         })
     }
@@ -171,14 +184,10 @@ impl Api {
             key,
             command,
         };
-        let Proposed { response, .. } = self
-            .consensus
-            .propose(proposal)
-            .await
-            .map_err(|e| {
-                self.metrics.proposals_failed.inc();
-                status::from_propose(&e)
-            })?;
+        let Proposed { response, .. } = self.consensus.propose(proposal).await.map_err(|e| {
+            self.metrics.proposals_failed.inc();
+            status::from_propose(&e)
+        })?;
         match response.result {
             Ok(out) => Ok((out, response.revision)),
             Err(e) => {

@@ -29,9 +29,8 @@ fn check_ops(t: &TxnRequest, max_ops: usize) -> Result<(), Status> {
 }
 
 fn intersects(dels: &[Interval], key: &[u8]) -> bool {
-    dels.iter().any(|(s, e)| {
-        key >= s.as_slice() && e.as_ref().map(|e| key < e.as_slice()).unwrap_or(true)
-    })
+    dels.iter()
+        .any(|(s, e)| key >= s.as_slice() && e.as_ref().map(|e| key < e.as_slice()).unwrap_or(true))
 }
 
 /// Returns the keys put and the ranges deleted on this level and below.

@@ -67,7 +67,13 @@ struct Watcher {
 impl Watcher {
     fn matches(&self, e: &Event) -> bool {
         let k = e.kv.key.as_slice();
-        if k < self.start.as_slice() || self.end.as_ref().map(|end| k >= end.as_slice()).unwrap_or(false) {
+        if k < self.start.as_slice()
+            || self
+                .end
+                .as_ref()
+                .map(|end| k >= end.as_slice())
+                .unwrap_or(false)
+        {
             return false;
         }
         !(e.deleted && self.no_delete || !e.deleted && self.no_put)
@@ -244,7 +250,13 @@ impl Session {
         if from > upto {
             return true;
         }
-        let compacted = self.api.consensus.store().revisions().map(|(_, c)| c).unwrap_or(0);
+        let compacted = self
+            .api
+            .consensus
+            .store()
+            .revisions()
+            .map(|(_, c)| c)
+            .unwrap_or(0);
         if from < compacted {
             self.watchers.remove(&id);
             return self
@@ -266,7 +278,9 @@ impl Session {
             Ok(ev) => ev,
             Err(e) => {
                 tracing::error!(error = %e, "reading events for a watcher");
-                return self.cancel(id, &format!("etcdserver: reading history failed: {e}")).await;
+                return self
+                    .cancel(id, &format!("etcdserver: reading history failed: {e}"))
+                    .await;
             }
         };
         let mut batch = Vec::new();
@@ -282,7 +296,10 @@ impl Session {
             }
             last_rev = rev;
             if batch.len() >= REPLAY_BATCH {
-                if !self.send_events(id, last_rev, std::mem::take(&mut batch)).await {
+                if !self
+                    .send_events(id, last_rev, std::mem::take(&mut batch))
+                    .await
+                {
                     return false;
                 }
             }
@@ -324,7 +341,9 @@ impl Session {
     async fn deliver(&mut self, n: &Notification) -> bool {
         let ids: Vec<i64> = self.watchers.keys().copied().collect();
         for id in ids {
-            let Some(w) = self.watchers.get(&id) else { continue };
+            let Some(w) = self.watchers.get(&id) else {
+                continue;
+            };
             if n.revision < w.next_rev {
                 continue;
             }
@@ -374,7 +393,9 @@ impl Session {
         let current = self.current();
         let ids: Vec<i64> = self.watchers.keys().copied().collect();
         for id in ids {
-            let Some(w) = self.watchers.get_mut(&id) else { continue };
+            let Some(w) = self.watchers.get_mut(&id) else {
+                continue;
+            };
             let due = w.progress_notify && !w.sent_since_tick;
             w.sent_since_tick = false;
             if due

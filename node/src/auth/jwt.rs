@@ -48,7 +48,9 @@ pub enum JwtSetupError {
         path: String,
         reason: String,
     },
-    #[error("no token verification key configured: give an HS256 secret file or an RS256/ES256 public key file")]
+    #[error(
+        "no token verification key configured: give an HS256 secret file or an RS256/ES256 public key file"
+    )]
     NoKeys,
 }
 
@@ -164,12 +166,14 @@ impl TokenVerifier {
         }
         if let Some(p) = &cfg.rs256_public_key_file {
             let pem = read("RS256 public key", p)?;
-            let k = DecodingKey::from_rsa_pem(&pem).map_err(|e| bad_key("RS256 public key", p, e))?;
+            let k =
+                DecodingKey::from_rsa_pem(&pem).map_err(|e| bad_key("RS256 public key", p, e))?;
             keys.push((Algorithm::RS256, k));
         }
         if let Some(p) = &cfg.es256_public_key_file {
             let pem = read("ES256 public key", p)?;
-            let k = DecodingKey::from_ec_pem(&pem).map_err(|e| bad_key("ES256 public key", p, e))?;
+            let k =
+                DecodingKey::from_ec_pem(&pem).map_err(|e| bad_key("ES256 public key", p, e))?;
             keys.push((Algorithm::ES256, k));
         }
         if keys.is_empty() {
@@ -198,7 +202,10 @@ impl TokenVerifier {
             if now > c.exp.saturating_add(self.leeway) {
                 return Err(TokenError::Expired);
             }
-            if c.nbf.map(|n| n > now.saturating_add(self.leeway)).unwrap_or(false) {
+            if c.nbf
+                .map(|n| n > now.saturating_add(self.leeway))
+                .unwrap_or(false)
+            {
                 return Err(TokenError::NotYetValid);
             }
             return Ok(c.principal.clone());
@@ -229,11 +236,7 @@ impl TokenVerifier {
 
     fn verify_uncached(&self, token: &str) -> Result<Claims, TokenError> {
         let alg_name = header_alg(token)?;
-        let Some((alg, key)) = self
-            .keys
-            .iter()
-            .find(|(a, _)| format!("{a:?}") == alg_name)
-        else {
+        let Some((alg, key)) = self.keys.iter().find(|(a, _)| format!("{a:?}") == alg_name) else {
             return Err(TokenError::AlgorithmNotAllowed(alg_name));
         };
         let mut v = Validation::new(*alg);
@@ -256,7 +259,9 @@ impl TokenVerifier {
                 ErrorKind::InvalidSignature => TokenError::BadSignature,
                 ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
                 ErrorKind::InvalidAudience => TokenError::WrongAudience,
-                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => {
+                ErrorKind::InvalidAlgorithm
+                | ErrorKind::InvalidAlgorithmName
+                | ErrorKind::UnsupportedAlgorithm => {
                     TokenError::AlgorithmNotAllowed(alg_name.clone())
                 }
                 ErrorKind::MissingRequiredClaim(c) => {
@@ -274,9 +279,12 @@ impl TokenVerifier {
 /// Reads the `alg` of a token header without trusting anything else in it. Never panics.
 pub fn header_alg(token: &str) -> Result<String, TokenError> {
     let mut parts = token.split('.');
-    let (Some(h), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(TokenError::Malformed("a JWT has three dot-separated parts".into()));
+        return Err(TokenError::Malformed(
+            "a JWT has three dot-separated parts".into(),
+        ));
     };
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(h.trim_end_matches('='))
@@ -332,7 +340,13 @@ impl TokenIssuer {
     }
 
     /// An issuer from raw material, for tools that sign tokens (`kvctl token create`).
-    pub fn from_parts(alg: Algorithm, key: EncodingKey, issuer: Option<String>, audience: Option<String>, ttl: Duration) -> TokenIssuer {
+    pub fn from_parts(
+        alg: Algorithm,
+        key: EncodingKey,
+        issuer: Option<String>,
+        audience: Option<String>,
+        ttl: Duration,
+    ) -> TokenIssuer {
         TokenIssuer {
             alg,
             key,
@@ -342,7 +356,12 @@ impl TokenIssuer {
         }
     }
 
-    pub fn issue(&self, subject: &str, roles: &[String], ttl: Option<Duration>) -> Result<String, String> {
+    pub fn issue(
+        &self,
+        subject: &str,
+        roles: &[String],
+        ttl: Option<Duration>,
+    ) -> Result<String, String> {
         let now = now_secs();
         let claims = Claims {
             sub: subject.to_string(),
@@ -392,7 +411,8 @@ mod tests {
         tampered.push(if t.ends_with('A') { 'B' } else { 'A' });
         assert_eq!(v.verify(&tampered), Err(TokenError::BadSignature));
 
-        let none_header = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);
+        let none_header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(r#"{"alg":"none","typ":"JWT"}"#);
         let payload = t.split('.').nth(1).unwrap();
         assert_eq!(
             v.verify(&format!("{none_header}.{payload}.")),
@@ -412,6 +432,9 @@ mod tests {
             &EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
         )
         .unwrap();
-        assert!(matches!(v.verify(&string_exp), Err(TokenError::InvalidClaims(_))));
+        assert!(matches!(
+            v.verify(&string_exp),
+            Err(TokenError::InvalidClaims(_))
+        ));
     }
 }

@@ -24,8 +24,8 @@ use crate::model::{ApplyResponse, Proposal};
 use crate::storage::Store;
 use log_store::LogStore;
 use network::PeerNetwork;
-use openraft::errors::{ClientWriteError, RaftError};
 use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Config, RaftMetrics, ServerState, SnapshotPolicy};
 use reads::ReadBatcher;
 use serde::{Deserialize, Serialize};
@@ -130,8 +130,9 @@ pub struct Consensus {
 }
 
 /// Answers requests that only the leader can answer (see `Consensus::call_leader`).
-pub type LeaderHandler =
-    Arc<dyn Fn(Vec<u8>) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>> + Send + Sync>;
+pub type LeaderHandler = Arc<
+    dyn Fn(Vec<u8>) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>> + Send + Sync,
+>;
 
 struct Inner {
     leader_changes: std::sync::atomic::AtomicU64,
@@ -163,7 +164,9 @@ impl Consensus {
             election_timeout_max: election_ms * 2,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_threshold),
             max_in_snapshot_log_to_keep: config.snapshot_log_keep,
-            replication_lag_threshold: config.snapshot_threshold.saturating_add(config.snapshot_log_keep),
+            replication_lag_threshold: config
+                .snapshot_threshold
+                .saturating_add(config.snapshot_log_keep),
             max_payload_entries: 1024,
             install_snapshot_timeout: 300_000,
             enable_pre_vote: Some(true),
@@ -238,7 +241,9 @@ impl Consensus {
 
     /// How many times this node has seen the leader change since it started.
     pub fn leader_changes(&self) -> u64 {
-        self.inner.leader_changes.load(std::sync::atomic::Ordering::Relaxed)
+        self.inner
+            .leader_changes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The index up to which this node's state machine has applied.
@@ -291,7 +296,10 @@ impl Consensus {
             if let Some(l) = current {
                 return Some(l);
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 return None;
             }
         }
@@ -323,7 +331,10 @@ impl Consensus {
                     }
                 }
                 _ => {
-                    if self.wait_for_leader(remaining.min(self.inner.config.election_timeout * 3)).await.is_none()
+                    if self
+                        .wait_for_leader(remaining.min(self.inner.config.election_timeout * 3))
+                        .await
+                        .is_none()
                         && tokio::time::Instant::now() >= deadline
                     {
                         return Err(ProposeError::NoLeader);
@@ -368,18 +379,24 @@ impl Consensus {
         proposal: &Proposal,
         timeout: Duration,
     ) -> Result<Proposed, ForwardError> {
-        let data = encode(proposal).map_err(|e| ForwardError::Failed(ProposeError::Rejected(e.to_string())))?;
+        let data = encode(proposal)
+            .map_err(|e| ForwardError::Failed(ProposeError::Rejected(e.to_string())))?;
         let mut client = self
             .inner
             .channels
             .client(&leader.peer_url)
             .map_err(|e| ForwardError::Failed(ProposeError::Unavailable(e)))?;
-        let mut req = self.inner.channels.request(raftkv_proto::peer::Frame { data });
+        let mut req = self
+            .inner
+            .channels
+            .request(raftkv_proto::peer::Frame { data });
         req.set_timeout(timeout);
         match client.propose(req).await {
             Ok(resp) => {
-                let r: Result<Proposed, ProposeError> = decode(&resp.into_inner().data)
-                    .map_err(|e| ForwardError::Failed(ProposeError::OutcomeUnknown(e.to_string())))?;
+                let r: Result<Proposed, ProposeError> =
+                    decode(&resp.into_inner().data).map_err(|e| {
+                        ForwardError::Failed(ProposeError::OutcomeUnknown(e.to_string()))
+                    })?;
                 match r {
                     Ok(p) => Ok(p),
                     // The remote was no longer leader and did not take the entry.
@@ -396,7 +413,10 @@ impl Consensus {
     }
 
     /// Handles a proposal forwarded by a follower: only the leader accepts it.
-    pub(crate) async fn propose_as_leader(&self, proposal: Proposal) -> Result<Proposed, ProposeError> {
+    pub(crate) async fn propose_as_leader(
+        &self,
+        proposal: Proposal,
+    ) -> Result<Proposed, ProposeError> {
         match self.propose_local(proposal).await {
             Ok(p) => Ok(p),
             Err(LocalError::Forward) => Err(ProposeError::NoLeader),
@@ -476,9 +496,9 @@ impl Consensus {
                 "request timed out confirming leadership".into(),
             ))),
             Ok(Ok(lin)) => Ok(lin.read_log_id().index()),
-            Ok(Err(RaftError::APIError(openraft::errors::LinearizableReadError::ForwardToLeader(_)))) => {
-                Err(LocalError::Forward)
-            }
+            Ok(Err(RaftError::APIError(
+                openraft::errors::LinearizableReadError::ForwardToLeader(_),
+            ))) => Err(LocalError::Forward),
             Ok(Err(RaftError::APIError(e))) => {
                 Err(LocalError::Failed(ProposeError::Unavailable(e.to_string())))
             }
@@ -504,7 +524,11 @@ impl Consensus {
             .await
     }
 
-    async fn remote_read_index(&self, leader: &MemberNode, timeout: Duration) -> Result<u64, ForwardError> {
+    async fn remote_read_index(
+        &self,
+        leader: &MemberNode,
+        timeout: Duration,
+    ) -> Result<u64, ForwardError> {
         let mut client = self
             .inner
             .channels
@@ -544,13 +568,17 @@ impl Consensus {
                     }
                 }
                 Some((_, node)) => {
-                    let data = encode(&change).map_err(|e| ProposeError::Rejected(e.to_string()))?;
+                    let data =
+                        encode(&change).map_err(|e| ProposeError::Rejected(e.to_string()))?;
                     let mut client = self
                         .inner
                         .channels
                         .client(&node.peer_url)
                         .map_err(ProposeError::Unavailable)?;
-                    let mut req = self.inner.channels.request(raftkv_proto::peer::Frame { data });
+                    let mut req = self
+                        .inner
+                        .channels
+                        .request(raftkv_proto::peer::Frame { data });
                     req.set_timeout(self.inner.config.request_timeout);
                     match client.change_membership(req).await {
                         Ok(resp) => {
@@ -562,7 +590,9 @@ impl Consensus {
                             }
                         }
                         Err(s) if is_connect_failure(&s) => {}
-                        Err(s) => return Err(ProposeError::OutcomeUnknown(s.message().to_string())),
+                        Err(s) => {
+                            return Err(ProposeError::OutcomeUnknown(s.message().to_string()));
+                        }
                     }
                 }
                 None => {}
@@ -577,7 +607,10 @@ impl Consensus {
     }
 
     /// Handles a membership change forwarded by a follower.
-    pub(crate) async fn change_membership_as_leader(&self, change: MembershipChange) -> Result<(), ProposeError> {
+    pub(crate) async fn change_membership_as_leader(
+        &self,
+        change: MembershipChange,
+    ) -> Result<(), ProposeError> {
         match self.change_membership_local(change).await {
             Ok(()) => Ok(()),
             Err(LocalError::Forward) => Err(ProposeError::NoLeader),
@@ -589,13 +622,19 @@ impl Consensus {
         let raft = &self.inner.raft;
         let map = |r: Result<_, RaftError<TypeConfig, ClientWriteError<TypeConfig>>>| match r {
             Ok(_) => Ok(()),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(LocalError::Forward),
-            Err(RaftError::APIError(e)) => Err(LocalError::Failed(ProposeError::Rejected(e.to_string()))),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(LocalError::Forward)
+            }
+            Err(RaftError::APIError(e)) => {
+                Err(LocalError::Failed(ProposeError::Rejected(e.to_string())))
+            }
             Err(RaftError::Fatal(_)) => Err(LocalError::Failed(ProposeError::Stopped)),
         };
         tracing::info!(node = self.id(), ?change, "changing membership");
         match change {
-            MembershipChange::AddLearner { id, node } => map(raft.add_learner(id, node, false).await),
+            MembershipChange::AddLearner { id, node } => {
+                map(raft.add_learner(id, node, false).await)
+            }
             MembershipChange::AddVoter { id, node } => {
                 map(raft.add_learner(id, node, false).await)?;
                 map(raft
@@ -629,10 +668,9 @@ impl Consensus {
                 }
                 Ok(())
             }
-            MembershipChange::UpdateNode { id, node } => map(
-                raft.change_membership(ChangeMembers::SetNodes(BTreeMap::from([(id, node)])), true)
-                    .await,
-            ),
+            MembershipChange::UpdateNode { id, node } => map(raft
+                .change_membership(ChangeMembers::SetNodes(BTreeMap::from([(id, node)])), true)
+                .await),
             MembershipChange::TransferLeader { to } => {
                 if !self.status().is_leader() {
                     return Err(LocalError::Forward);
@@ -807,10 +845,8 @@ fn status_from(m: &RaftMetrics<TypeConfig>) -> NodeStatus {
     let membership = m.membership_config.membership();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
     let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
-    let nodes: BTreeMap<NodeId, MemberNode> = membership
-        .nodes()
-        .map(|(id, n)| (*id, n.clone()))
-        .collect();
+    let nodes: BTreeMap<NodeId, MemberNode> =
+        membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
     let state = match m.state {
         ServerState::Leader => "leader",
         ServerState::Follower => "follower",
@@ -834,7 +870,12 @@ fn status_from(m: &RaftMetrics<TypeConfig>) -> NodeStatus {
         term: m.current_term,
         state,
         last_log_index: m.last_log_index.unwrap_or(0),
-        committed: m.cluster_committed.as_ref().or(m.local_committed.as_ref()).map(|l| l.index()).unwrap_or(0),
+        committed: m
+            .cluster_committed
+            .as_ref()
+            .or(m.local_committed.as_ref())
+            .map(|l| l.index())
+            .unwrap_or(0),
         applied: m.last_applied.as_ref().map(|l| l.index()).unwrap_or(0),
         snapshot_index: m.snapshot.as_ref().map(|l| l.index()).unwrap_or(0),
         purged_index: m.purged.as_ref().map(|l| l.index()).unwrap_or(0),

@@ -2,8 +2,8 @@
 //! votes, snapshot streaming, leadership transfer) and the channels the node uses to forward
 //! proposals and read-index requests to the leader.
 
-use super::types::{MemberNode, NodeId, TypeConfig, decode, encode};
 use super::state_machine::SnapshotFile;
+use super::types::{MemberNode, NodeId, TypeConfig, decode, encode};
 use futures::{Stream, StreamExt};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
@@ -114,9 +114,9 @@ pub struct PeerClient {
 
 fn status_to_rpc(target: NodeId, s: tonic::Status) -> RPCError<TypeConfig> {
     match s.code() {
-        tonic::Code::Unavailable | tonic::Code::Cancelled => {
-            RPCError::Unreachable(Unreachable::from_string(format!("peer {target}: {}", s.message())))
-        }
+        tonic::Code::Unavailable | tonic::Code::Cancelled => RPCError::Unreachable(
+            Unreachable::from_string(format!("peer {target}: {}", s.message())),
+        ),
         _ => RPCError::Network(NetworkError::from_string(format!(
             "peer {target}: {}: {}",
             s.code(),
@@ -136,7 +136,11 @@ impl PeerClient {
             .map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))
     }
 
-    async fn unary<F, Fut>(&self, option: &RPCOption, call: F) -> Result<Vec<u8>, RPCError<TypeConfig>>
+    async fn unary<F, Fut>(
+        &self,
+        option: &RPCOption,
+        call: F,
+    ) -> Result<Vec<u8>, RPCError<TypeConfig>>
     where
         F: FnOnce(RaftPeerClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Frame>, tonic::Status>>,
@@ -175,7 +179,13 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         &'s mut self,
         input: S,
         _option: RPCOption,
-    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>>
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
     where
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
     {

@@ -4,7 +4,7 @@
 
 use super::network::CLUSTER_ID_HEADER;
 use super::state_machine::{SnapshotFile, StateMachine};
-use super::types::{TypeConfig, Vote, decode, encode, SnapshotMeta};
+use super::types::{SnapshotMeta, TypeConfig, Vote, decode, encode};
 use super::{Consensus, MembershipChange, ProposeError};
 use crate::model::Proposal;
 use futures::StreamExt;
@@ -104,18 +104,13 @@ impl RaftPeer for PeerService {
                 futures::future::ready(r.is_ok())
             })
             .filter_map(|r| futures::future::ready(r.ok()));
-        let out = self
-            .consensus
-            .inner
-            .raft
-            .stream_append(input)
-            .map(|item| {
-                let wire: Result<openraft::raft::StreamAppendResult<TypeConfig>, String> =
-                    item.map_err(|fatal| fatal.to_string());
-                encode(&wire)
-                    .map(|data| Frame { data })
-                    .map_err(|e| Status::internal(e.to_string()))
-            });
+        let out = self.consensus.inner.raft.stream_append(input).map(|item| {
+            let wire: Result<openraft::raft::StreamAppendResult<TypeConfig>, String> =
+                item.map_err(|fatal| fatal.to_string());
+            encode(&wire)
+                .map(|data| Frame { data })
+                .map_err(|e| Status::internal(e.to_string()))
+        });
         Ok(Response::new(Box::pin(out)))
     }
 

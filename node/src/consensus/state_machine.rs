@@ -68,7 +68,9 @@ impl StateMachine {
         // Leftovers of snapshot transfers or builds cut short.
         for e in std::fs::read_dir(&dir)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".tmp") || name.starts_with("incoming-") || name.starts_with("build-")
+            if name.ends_with(".tmp")
+                || name.starts_with("incoming-")
+                || name.starts_with("build-")
                 || name.starts_with("backup-")
             {
                 let _ = std::fs::remove_file(e.path());
@@ -101,7 +103,11 @@ impl StateMachine {
 
 fn read_applied(store: &Store) -> io::Result<Option<LogId>> {
     let meta = store.cf(CF_META)?;
-    match store.db().get_cf(meta, META_APPLIED).map_err(io::Error::other)? {
+    match store
+        .db()
+        .get_cf(meta, META_APPLIED)
+        .map_err(io::Error::other)?
+    {
         Some(b) => decode(&b),
         None => Ok(None),
     }
@@ -109,7 +115,11 @@ fn read_applied(store: &Store) -> io::Result<Option<LogId>> {
 
 fn read_membership(store: &Store) -> io::Result<StoredMembership> {
     let meta = store.cf(CF_META)?;
-    match store.db().get_cf(meta, META_MEMBERSHIP).map_err(io::Error::other)? {
+    match store
+        .db()
+        .get_cf(meta, META_MEMBERSHIP)
+        .map_err(io::Error::other)?
+    {
         Some(b) => decode(&b),
         None => Ok(StoredMembership::default()),
     }
@@ -256,7 +266,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(
         &mut self,
-    ) -> Result<Option<Snapshot<openraft::alias::CommittedLeaderIdOf<TypeConfig>, u64, super::types::MemberNode, SnapshotFile>>, io::Error> {
+    ) -> Result<
+        Option<
+            Snapshot<
+                openraft::alias::CommittedLeaderIdOf<TypeConfig>,
+                u64,
+                super::types::MemberNode,
+                SnapshotFile,
+            >,
+        >,
+        io::Error,
+    > {
         let Some(path) = list_snapshots(&self.dir)?.pop() else {
             return Ok(None);
         };
@@ -291,7 +311,15 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 
     async fn build_snapshot(
         &mut self,
-    ) -> Result<Snapshot<openraft::alias::CommittedLeaderIdOf<TypeConfig>, u64, super::types::MemberNode, SnapshotFile>, io::Error> {
+    ) -> Result<
+        Snapshot<
+            openraft::alias::CommittedLeaderIdOf<TypeConfig>,
+            u64,
+            super::types::MemberNode,
+            SnapshotFile,
+        >,
+        io::Error,
+    > {
         let store = self.store.clone();
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || -> io::Result<_> {

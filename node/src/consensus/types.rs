@@ -43,7 +43,6 @@ pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, std::io::Error> {
 }
 
 pub fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, std::io::Error> {
-    postcard::from_bytes(b).map_err(|e| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("decode: {e}"))
-    })
+    postcard::from_bytes(b)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("decode: {e}")))
 }

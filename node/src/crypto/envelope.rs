@@ -102,7 +102,10 @@ mod tests {
         }
         assert_eq!(Envelope::parse(&[]), Err(EnvelopeError::Empty));
         assert_eq!(Envelope::parse(&[9]), Err(EnvelopeError::UnknownVersion(9)));
-        assert_eq!(Envelope::parse(&[1, 0, 0]), Err(EnvelopeError::Truncated(3)));
+        assert_eq!(
+            Envelope::parse(&[1, 0, 0]),
+            Err(EnvelopeError::Truncated(3))
+        );
         assert_eq!(Envelope::parse(&plain(b"x")), Ok(Envelope::Plain(b"x")));
     }
 }

@@ -95,7 +95,8 @@ impl Keyring {
                 .as_slice()
                 .try_into()
                 .map_err(|_| format!("key {} has {} bytes, AES-256 needs 32", k.id, bytes.len()))?;
-            let cipher = Aes256Gcm::new_from_slice(&raw).map_err(|e| format!("key {}: {e}", k.id))?;
+            let cipher =
+                Aes256Gcm::new_from_slice(&raw).map_err(|e| format!("key {}: {e}", k.id))?;
             let key = Key {
                 id: k.id,
                 cipher,
@@ -107,7 +108,10 @@ impl Keyring {
             }
         }
         if !keys.contains_key(&file.active) {
-            return Err(format!("the active key id {} is not among the keys", file.active));
+            return Err(format!(
+                "the active key id {} is not among the keys",
+                file.active
+            ));
         }
         Ok(Keyring {
             keys,
@@ -225,7 +229,10 @@ mod tests {
         assert_eq!(id, 2);
         let again = Keyring::parse(&k.to_json()).unwrap();
         assert_eq!(again.active().id, 2);
-        assert_eq!(again.get(1).unwrap().fingerprint, k.get(1).unwrap().fingerprint);
+        assert_eq!(
+            again.get(1).unwrap().fingerprint,
+            k.get(1).unwrap().fingerprint
+        );
         assert!(k.remove(2).is_err());
         k.remove(1).unwrap();
         assert!(Keyring::parse("{}").is_err());

@@ -86,9 +86,9 @@ impl Sealer {
             Some(old) => {
                 old.active().id != fresh.active().id
                     || old.ids().collect::<Vec<_>>() != fresh.ids().collect::<Vec<_>>()
-                    || old
-                        .ids()
-                        .any(|id| old.get(id).map(|k| k.fingerprint) != fresh.get(id).map(|k| k.fingerprint))
+                    || old.ids().any(|id| {
+                        old.get(id).map(|k| k.fingerprint) != fresh.get(id).map(|k| k.fingerprint)
+                    })
             }
             None => true,
         };
@@ -100,7 +100,8 @@ impl Sealer {
 
     /// The active key's id and fingerprint.
     pub fn active_key(&self) -> Option<(u32, [u8; 16])> {
-        self.keyring().map(|k| (k.active().id, k.active().fingerprint))
+        self.keyring()
+            .map(|k| (k.active().id, k.active().fingerprint))
     }
 
     /// Seals `value` for storage under `key`.
@@ -185,7 +186,10 @@ mod tests {
         assert_eq!(s.open(b"k", &envelope::plain(b"old")).unwrap(), b"old");
         let other = Sealer::new(Keyring::generate(), None, DEFAULT_KEY_USAGE_LIMIT);
         assert_eq!(other.open(b"k", &sealed), Err(CryptoError::Authentication));
-        assert_eq!(Sealer::disabled().open(b"k", &sealed), Err(CryptoError::NoKeyring));
+        assert_eq!(
+            Sealer::disabled().open(b"k", &sealed),
+            Err(CryptoError::NoKeyring)
+        );
     }
 
     #[test]

@@ -6,7 +6,9 @@
 
 use super::mvcc::{Authorizer, ReadView};
 use super::{CF_META, Result, Store};
-use crate::model::{ApplyError, AuthCommand, AuthErrorCode, PermType, Permission, Principal, key_interval};
+use crate::model::{
+    ApplyError, AuthCommand, AuthErrorCode, PermType, Permission, Principal, key_interval,
+};
 use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -78,11 +80,15 @@ pub trait AuthSource {
     }
 
     fn user(&self, name: &str) -> Result<Option<User>> {
-        self.auth_meta(&user_key(name))?.map(|b| dec(&b)).transpose()
+        self.auth_meta(&user_key(name))?
+            .map(|b| dec(&b))
+            .transpose()
     }
 
     fn role(&self, name: &str) -> Result<Option<Role>> {
-        self.auth_meta(&role_key(name))?.map(|b| dec(&b)).transpose()
+        self.auth_meta(&role_key(name))?
+            .map(|b| dec(&b))
+            .transpose()
     }
 
     fn users(&self) -> Result<Vec<String>> {

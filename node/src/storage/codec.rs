@@ -56,7 +56,9 @@ pub fn history_key(key: &[u8], revision: i64) -> Vec<u8> {
 pub fn split_history_key(hk: &[u8]) -> Result<(Vec<u8>, i64), CorruptRecord> {
     let (key, used) = decode_key(hk)?;
     let rest = &hk[used..];
-    let rev: [u8; 8] = rest.try_into().map_err(|_| CorruptRecord("history key revision"))?;
+    let rev: [u8; 8] = rest
+        .try_into()
+        .map_err(|_| CorruptRecord("history key revision"))?;
     Ok((key, u64::from_be_bytes(rev) as i64))
 }
 
@@ -152,7 +154,9 @@ mod tests {
 
     #[test]
     fn encoded_keys_sort_like_raw_keys_and_are_prefix_free() {
-        let keys: Vec<&[u8]> = vec![b"", b"\0", b"\0\0", b"\0\x01", b"a", b"a\0", b"a\0b", b"ab", b"b"];
+        let keys: Vec<&[u8]> = vec![
+            b"", b"\0", b"\0\0", b"\0\x01", b"a", b"a\0", b"a\0b", b"ab", b"b",
+        ];
         let mut enc: Vec<Vec<u8>> = keys
             .iter()
             .map(|k| {

@@ -17,8 +17,8 @@ use rocksdb::{
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-pub use syncer::{SyncCallback, SyncObserver};
 use syncer::WalSyncer;
+pub use syncer::{SyncCallback, SyncObserver};
 
 /// The Raft log: big-endian index -> encoded entry.
 pub const CF_LOG: &str = "raft_log";
@@ -157,9 +157,9 @@ impl Store {
     /// Runs `cb` once everything written before this call is durable. Calls arriving while an
     /// fsync is in progress share the next one (group commit).
     pub fn after_sync(&self, cb: SyncCallback) {
-        self.inner
-            .syncer
-            .submit(cb, || self.inner.db.flush_wal(true).map_err(|e| e.to_string()));
+        self.inner.syncer.submit(cb, || {
+            self.inner.db.flush_wal(true).map_err(|e| e.to_string())
+        });
     }
 
     /// Registers the observer of fsync durations and batch sizes.
@@ -248,7 +248,11 @@ impl Store {
         let raft = self.cf(CF_RAFT)?;
         let mut batch = WriteBatch::default();
         batch.put_cf(raft, purged_key, purged_marker);
-        batch.delete_range_cf(cf, 0u64.to_be_bytes(), (upto.saturating_add(1)).to_be_bytes());
+        batch.delete_range_cf(
+            cf,
+            0u64.to_be_bytes(),
+            (upto.saturating_add(1)).to_be_bytes(),
+        );
         let mut wo = WriteOptions::default();
         wo.set_sync(false);
         self.inner.db.write_opt(batch, &wo)?;
@@ -294,7 +298,10 @@ impl Store {
         let mut total = 0;
         for name in [CF_LOG, CF_RAFT, CF_KV, CF_HISTORY, CF_REVISIONS, CF_META] {
             if let Ok(cf) = self.cf(name) {
-                for prop in ["rocksdb.estimate-live-data-size", "rocksdb.cur-size-all-mem-tables"] {
+                for prop in [
+                    "rocksdb.estimate-live-data-size",
+                    "rocksdb.cur-size-all-mem-tables",
+                ] {
                     if let Ok(Some(v)) = self.inner.db.property_int_value_cf(cf, prop) {
                         total += v;
                     }

@@ -8,7 +8,7 @@
 //! revision counters, so it is applied entirely or not at all.
 
 use super::codec::{self, Record, history_key, revision_key, split_history_key};
-use super::{CF_HISTORY, CF_KV, CF_META, CF_REVISIONS, Result, Store, StorageError};
+use super::{CF_HISTORY, CF_KV, CF_META, CF_REVISIONS, Result, StorageError, Store};
 use crate::model::*;
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 use std::collections::{BTreeMap, BTreeSet};
@@ -132,7 +132,11 @@ impl Store {
     /// comparing replicas. Returns (hash, compacted revision, current revision).
     pub fn hash_kv(&self, revision: i64) -> std::result::Result<(u32, i64, i64), ReadError> {
         let view = self.read_view()?;
-        let upto = if revision <= 0 { view.revision } else { revision };
+        let upto = if revision <= 0 {
+            view.revision
+        } else {
+            revision
+        };
         if upto > view.revision {
             return Err(ApplyError::FutureRevision.into());
         }
@@ -173,7 +177,11 @@ impl Store {
 impl Source for ReadView<'_> {
     fn latest(&self, key: &[u8]) -> Result<Option<Record>> {
         let cf = self.store.cf(CF_KV)?;
-        match self.store.db().get_pinned_cf_opt(cf, key, &self.read_opts())? {
+        match self
+            .store
+            .db()
+            .get_pinned_cf_opt(cf, key, &self.read_opts())?
+        {
             Some(raw) => Ok(Some(Record::decode(&raw)?)),
             None => Ok(None),
         }
@@ -246,7 +254,15 @@ impl ReadView<'_> {
         txn_path(self, opener, txn, &mut path)?;
         let succeeded = path.first().copied().unwrap_or(false);
         let mut it = path[1..].iter();
-        read_only_txn(self, opener, self.revision, self.compacted, txn, &mut it, succeeded)
+        read_only_txn(
+            self,
+            opener,
+            self.revision,
+            self.compacted,
+            txn,
+            &mut it,
+            succeeded,
+        )
     }
 
     /// The newest record of one key, if it is live.
@@ -261,10 +277,11 @@ impl ReadView<'_> {
         let mut ro = self.read_opts();
         ro.set_iterate_upper_bound(revision_key(to.saturating_add(1), 0).to_vec());
         let start = revision_key(from, 0);
-        let it =
-            self.store
-                .db()
-                .iterator_cf_opt(revs, ro, IteratorMode::From(&start, Direction::Forward));
+        let it = self.store.db().iterator_cf_opt(
+            revs,
+            ro,
+            IteratorMode::From(&start, Direction::Forward),
+        );
         let mut out = Vec::new();
         for item in it {
             let (k, user_key) = item?;
@@ -310,10 +327,7 @@ impl ReadView<'_> {
     }
 
     /// Every stored record (live and historical) with its key, for re-encryption.
-    pub fn scan_history(
-        &self,
-        f: &mut dyn FnMut(Vec<u8>, Record) -> Result<bool>,
-    ) -> Result<()> {
+    pub fn scan_history(&self, f: &mut dyn FnMut(Vec<u8>, Record) -> Result<bool>) -> Result<()> {
         let hist = self.store.cf(CF_HISTORY)?;
         let it = self
             .store
@@ -602,10 +616,16 @@ impl Source for WriteTxn<'_> {
         }
         // Merge the database with this transaction's own changes.
         let mut merged: BTreeMap<Vec<u8>, Record> = BTreeMap::new();
-        scan_kv_cf(self.store, ReadOptions::default(), start, end, &mut |k, r| {
-            merged.insert(k.to_vec(), r);
-            Ok(true)
-        })?;
+        scan_kv_cf(
+            self.store,
+            ReadOptions::default(),
+            start,
+            end,
+            &mut |k, r| {
+                merged.insert(k.to_vec(), r);
+                Ok(true)
+            },
+        )?;
         for (k, v) in &self.overlay {
             let inside = k.as_slice() >= start && end.map(|e| k.as_slice() < e).unwrap_or(true);
             if !inside {
@@ -690,7 +710,8 @@ impl<'a> WriteTxn<'a> {
                 self.batch.delete_cf(meta, lease_key_entry(old_lease, key));
             }
             if new_lease != 0 {
-                self.batch.put_cf(meta, lease_key_entry(new_lease, key), b"");
+                self.batch
+                    .put_cf(meta, lease_key_entry(new_lease, key), b"");
             }
         }
         self.events.push(event_from(
@@ -705,12 +726,20 @@ impl<'a> WriteTxn<'a> {
 
     fn lease_exists(&self, id: i64) -> Result<bool> {
         let meta = self.store.cf(CF_META)?;
-        Ok(self.store.db().get_pinned_cf(meta, lease_entry(id))?.is_some())
+        Ok(self
+            .store
+            .db()
+            .get_pinned_cf(meta, lease_entry(id))?
+            .is_some())
     }
 
     /// Checks what etcd checks before applying a transaction: keys an `ignore_*` put needs exist,
     /// leases exist, read revisions are servable. Nothing is staged when this fails.
-    fn check_op(&self, op: &RequestOp, path: &mut std::slice::Iter<'_, bool>) -> std::result::Result<(), ReadError> {
+    fn check_op(
+        &self,
+        op: &RequestOp,
+        path: &mut std::slice::Iter<'_, bool>,
+    ) -> std::result::Result<(), ReadError> {
         match op {
             RequestOp::Put(p) => {
                 if (p.ignore_value || p.ignore_lease) && self.latest(&p.key)?.is_none() {
@@ -797,7 +826,11 @@ impl<'a> WriteTxn<'a> {
         Ok(DeleteResult { deleted, prev_kvs })
     }
 
-    fn apply_ops(&mut self, ops: &[RequestOp], path: &mut std::slice::Iter<'_, bool>) -> std::result::Result<Vec<ResponseOp>, ReadError> {
+    fn apply_ops(
+        &mut self,
+        ops: &[RequestOp],
+        path: &mut std::slice::Iter<'_, bool>,
+    ) -> std::result::Result<Vec<ResponseOp>, ReadError> {
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
             out.push(match op {
@@ -830,7 +863,11 @@ impl<'a> WriteTxn<'a> {
         let mut path = Vec::new();
         txn_path(self, self.opener, txn, &mut path)?;
         let succeeded = path.first().copied().unwrap_or(false);
-        let ops = if succeeded { &txn.success } else { &txn.failure };
+        let ops = if succeeded {
+            &txn.success
+        } else {
+            &txn.failure
+        };
         {
             let mut it = path[1..].iter();
             for op in ops {
@@ -868,7 +905,11 @@ impl<'a> WriteTxn<'a> {
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(revision_key(revision + 1, 0).to_vec());
         let mut keys: BTreeSet<Vec<u8>> = BTreeSet::new();
-        for item in self.store.db().iterator_cf_opt(revs, ro, IteratorMode::Start) {
+        for item in self
+            .store
+            .db()
+            .iterator_cf_opt(revs, ro, IteratorMode::Start)
+        {
             let (_, key) = item?;
             keys.insert(key.to_vec());
         }
@@ -879,11 +920,11 @@ impl<'a> WriteTxn<'a> {
             let mut ro = ReadOptions::default();
             ro.set_iterate_upper_bound(upper);
             let mut entries: Vec<(Vec<u8>, bool)> = Vec::new();
-            for item in self
-                .store
-                .db()
-                .iterator_cf_opt(hist, ro, IteratorMode::From(&lower, Direction::Forward))
-            {
+            for item in self.store.db().iterator_cf_opt(
+                hist,
+                ro,
+                IteratorMode::From(&lower, Direction::Forward),
+            ) {
                 let (k, v) = item?;
                 let rec = Record::decode(&v)?;
                 entries.push((k.to_vec(), rec.tombstone));
@@ -899,11 +940,8 @@ impl<'a> WriteTxn<'a> {
                 }
             }
         }
-        self.batch.delete_range_cf(
-            revs,
-            revision_key(0, 0),
-            revision_key(revision + 1, 0),
-        );
+        self.batch
+            .delete_range_cf(revs, revision_key(0, 0), revision_key(revision + 1, 0));
         self.base.compacted = revision;
         Ok(())
     }
@@ -976,9 +1014,11 @@ impl<'a> WriteTxn<'a> {
         let counters = self.counters();
         let meta = self.store.cf(CF_META)?;
         if counters.revision != self.base.revision || self.sub > 0 {
-            self.batch.put_cf(meta, META_REVISION, counters.revision.to_be_bytes());
+            self.batch
+                .put_cf(meta, META_REVISION, counters.revision.to_be_bytes());
         }
-        self.batch.put_cf(meta, META_COMPACTED, counters.compacted.to_be_bytes());
+        self.batch
+            .put_cf(meta, META_COMPACTED, counters.compacted.to_be_bytes());
         Ok((self.batch, counters, self.events))
     }
 }
@@ -1079,14 +1119,20 @@ fn read_only_txn(
     path: &mut std::slice::Iter<'_, bool>,
     succeeded: bool,
 ) -> std::result::Result<TxnResult, ReadError> {
-    let ops = if succeeded { &txn.success } else { &txn.failure };
+    let ops = if succeeded {
+        &txn.success
+    } else {
+        &txn.failure
+    };
     let mut responses = Vec::with_capacity(ops.len());
     for op in ops {
         responses.push(match op {
             RequestOp::Range(r) => ResponseOp::Range(range(src, current, compacted, r, opener)?),
             RequestOp::Txn(t) => {
                 let inner = path.next().copied().unwrap_or(false);
-                ResponseOp::Txn(read_only_txn(src, opener, current, compacted, t, path, inner)?)
+                ResponseOp::Txn(read_only_txn(
+                    src, opener, current, compacted, t, path, inner,
+                )?)
             }
             RequestOp::Put(_) | RequestOp::Delete(_) => {
                 return Err(ReadError::Storage(StorageError::Other(

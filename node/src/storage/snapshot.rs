@@ -5,7 +5,7 @@
 //! File layout: magic, then records `[cf:u8][key_len:u32][key][value_len:u32][value]`, then an
 //! end marker `0xff` and the CRC-32 of everything before it.
 
-use super::{CF_META, CF_RAFT, Result, STATE_MACHINE_CFS, Store, StorageError};
+use super::{CF_META, CF_RAFT, Result, STATE_MACHINE_CFS, StorageError, Store};
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -162,7 +162,9 @@ impl<R: Read> SnapshotReader<R> {
             return Ok(None);
         }
         if tag[0] as usize >= STATE_MACHINE_CFS.len() {
-            return Err(StorageError::Other("snapshot names an unknown column family".into()));
+            return Err(StorageError::Other(
+                "snapshot names an unknown column family".into(),
+            ));
         }
         let klen = self.read_len()?;
         let mut key = vec![0u8; klen];
@@ -273,7 +275,9 @@ mod tests {
         let a = Store::open(&dir.path().join("a")).unwrap();
         let kv = a.cf(CF_KV).unwrap();
         a.db().put_cf(kv, b"k1", b"v1").unwrap();
-        a.db().put_cf(a.cf(CF_META).unwrap(), META_APPLIED, b"applied-7").unwrap();
+        a.db()
+            .put_cf(a.cf(CF_META).unwrap(), META_APPLIED, b"applied-7")
+            .unwrap();
         let path = dir.path().join("snap");
         let facts = build(&a, &path).unwrap();
         assert_eq!(facts.applied.as_deref(), Some(&b"applied-7"[..]));
@@ -283,7 +287,10 @@ mod tests {
         let bkv = b.cf(CF_KV).unwrap();
         b.db().put_cf(bkv, b"stale", b"x").unwrap();
         install(&b, &path).unwrap();
-        assert_eq!(b.db().get_cf(bkv, b"k1").unwrap().as_deref(), Some(&b"v1"[..]));
+        assert_eq!(
+            b.db().get_cf(bkv, b"k1").unwrap().as_deref(),
+            Some(&b"v1"[..])
+        );
         assert!(b.db().get_cf(bkv, b"stale").unwrap().is_none());
 
         let mut bytes = std::fs::read(&path).unwrap();
@@ -294,6 +301,9 @@ mod tests {
         assert!(verify(&bad).is_err());
         assert!(install(&b, &bad).is_err());
         // A refused install leaves the state machine as it was.
-        assert_eq!(b.db().get_cf(bkv, b"k1").unwrap().as_deref(), Some(&b"v1"[..]));
+        assert_eq!(
+            b.db().get_cf(bkv, b"k1").unwrap().as_deref(),
+            Some(&b"v1"[..])
+        );
     }
 }

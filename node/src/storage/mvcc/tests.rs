@@ -69,7 +69,10 @@ fn revisions_and_versions_follow_etcd() {
     assert_eq!(db.store.read_view().unwrap().revision, INITIAL_REVISION);
     assert!(db.put("a", "1").prev_kv.is_none());
     let prev = db.put("a", "2").prev_kv.unwrap();
-    assert_eq!((prev.mod_revision, prev.version, prev.value.as_slice()), (2, 1, &b"1"[..]));
+    assert_eq!(
+        (prev.mod_revision, prev.version, prev.value.as_slice()),
+        (2, 1, &b"1"[..])
+    );
     let kv = db.range(get("a")).unwrap().kvs.remove(0);
     assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (2, 3, 2));
     assert_eq!(db.counters.revision, 3);
@@ -155,7 +158,13 @@ fn range_forms_limit_count_sort_and_filters() {
     assert_eq!(r.count, 3);
     let mut keys_only = prefix;
     keys_only.keys_only = true;
-    assert!(db.range(keys_only).unwrap().kvs.iter().all(|kv| kv.value.is_empty()));
+    assert!(
+        db.range(keys_only)
+            .unwrap()
+            .kvs
+            .iter()
+            .all(|kv| kv.value.is_empty())
+    );
     let backwards = RangeRequest {
         key: b"c".to_vec(),
         range_end: b"a".to_vec(),
@@ -192,8 +201,20 @@ fn future_and_compacted_revisions_are_refused() {
     ));
     // The superseded revision is physically gone from history.
     let hist = db.store.cf(crate::storage::CF_HISTORY).unwrap();
-    assert!(db.store.db().get_cf(hist, history_key(b"a", 2)).unwrap().is_none());
-    assert!(db.store.db().get_cf(hist, history_key(b"a", 3)).unwrap().is_some());
+    assert!(
+        db.store
+            .db()
+            .get_cf(hist, history_key(b"a", 2))
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        db.store
+            .db()
+            .get_cf(hist, history_key(b"a", 3))
+            .unwrap()
+            .is_some()
+    );
 }
 
 #[test]
@@ -263,7 +284,10 @@ fn txn_compares_branches_and_reads_own_writes() {
     };
     let res = db.write(|t| t.txn(&txn)).unwrap();
     assert!(!res.succeeded);
-    assert_eq!(db.counters.revision, 3, "read-only branch keeps the revision");
+    assert_eq!(
+        db.counters.revision, 3,
+        "read-only branch keeps the revision"
+    );
 }
 
 #[test]
@@ -313,7 +337,10 @@ fn leases_attach_and_revoke_deletes_keys() {
         db.write(|t| t.put(&missing)),
         Err(ReadError::Refused(ApplyError::LeaseNotFound))
     ));
-    assert_eq!(db.store.read_view().unwrap().lease_keys(7).unwrap(), vec![b"l".to_vec()]);
+    assert_eq!(
+        db.store.read_view().unwrap().lease_keys(7).unwrap(),
+        vec![b"l".to_vec()]
+    );
     assert!(db.write(|t| Ok(t.lease_revoke(7)?)).unwrap());
     assert!(db.range(get("l")).unwrap().kvs.is_empty());
     assert!(db.store.read_view().unwrap().leases().unwrap().is_empty());

@@ -1,5 +1,5 @@
-//! A cluster of real `raftkv serve` processes on loopback, for multi-process tests.
-#![allow(dead_code)]
+//! Clusters of real `raftkv serve` processes on loopback for multi-process tests, and helpers to
+//! talk to them.
 
 use raftkv::auth::jwt::{JwtConfig, TokenIssuer};
 use raftkv::crypto::Keyring;
@@ -67,8 +67,30 @@ pub struct Cluster {
     pub cluster_token: String,
 }
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_raftkv")
+/// Path of a workspace binary (`raftkv`, `kvctl`) next to the running test's target directory,
+/// or from `RAFTKV_BIN` / `KVCTL_BIN`.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let var = format!("{}_BIN", name.to_uppercase());
+    if let Ok(p) = std::env::var(&var) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current test executable");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target directory");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built; run `cargo build --workspace` first (or set {var})",
+        p.display()
+    );
+    p
+}
+
+pub fn bin() -> PathBuf {
+    workspace_bin("raftkv")
 }
 
 impl Cluster {
@@ -138,7 +160,10 @@ impl Cluster {
             .arg(&m.dir)
             .args(["--listen-client", &format!("127.0.0.1:{}", m.ports.client)])
             .args(["--listen-peer", &format!("127.0.0.1:{}", m.ports.peer)])
-            .args(["--listen-metrics", &format!("127.0.0.1:{}", m.ports.metrics)])
+            .args([
+                "--listen-metrics",
+                &format!("127.0.0.1:{}", m.ports.metrics),
+            ])
             .args(["--initial-cluster", &self.initial_cluster()])
             .args(["--cluster-token", &self.cluster_token])
             .arg("--jwt-secret-file")
@@ -147,8 +172,14 @@ impl Cluster {
             .arg(&self.root_password_file)
             .args(["--heartbeat-interval-ms", "50"])
             .args(["--election-timeout-ms", "500"])
-            .args(["--snapshot-threshold", &self.opts.snapshot_threshold.to_string()])
-            .args(["--snapshot-log-keep", &self.opts.snapshot_log_keep.to_string()])
+            .args([
+                "--snapshot-threshold",
+                &self.opts.snapshot_threshold.to_string(),
+            ])
+            .args([
+                "--snapshot-log-keep",
+                &self.opts.snapshot_log_keep.to_string(),
+            ])
             .args(&self.opts.extra_args)
             .env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null());
@@ -228,6 +259,39 @@ impl Cluster {
         }
     }
 
+    /// Waits until every member has published its name and client URLs to the cluster.
+    pub async fn wait_members_published(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut cl = raftkv_proto::etcdserverpb::cluster_client::ClusterClient::new(
+                channel(&self.endpoint(0)).await,
+            );
+            if let Ok(r) = cl
+                .member_list(authed(
+                    pb::MemberListRequest {
+                        linearizable: false,
+                    },
+                    &self.token,
+                ))
+                .await
+            {
+                let members = r.into_inner().members;
+                if members.len() == self.members.len()
+                    && members
+                        .iter()
+                        .all(|m| !m.name.is_empty() && !m.client_ur_ls.is_empty())
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "members did not publish their attributes in time"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn wait_member_ready(&self, i: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.is_ready(i) {
@@ -286,7 +350,11 @@ impl Cluster {
                 }
             }
             if agree && let Some(id) = seen {
-                if let Some(pos) = self.members.iter().position(|m| m.id == id && m.child.is_some()) {
+                if let Some(pos) = self
+                    .members
+                    .iter()
+                    .position(|m| m.id == id && m.child.is_some())
+                {
                     return pos;
                 }
             }
@@ -338,7 +406,10 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((code, body))
 }
 
