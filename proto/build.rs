@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/etcd/authpb/auth.proto",
         "proto/etcd/etcdserverpb/rpc.proto",
         "proto/raftkv/peer.proto",
+        "proto/raftkv/admin.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 install_packages
-cargo build --release -p raftkv -p raftkv-client
-exec "$CARGO_TARGET_DIR/release/raftkv" dev "$@"
+# The dev profile (dependencies optimized) shares its build with the test suite.
+cargo build -p raftkv -p raftkv-client
+exec "$CARGO_TARGET_DIR/debug/raftkv" dev "$@"

@@ -172,8 +172,13 @@ fn classify(s: &tonic::Status) -> Failure {
                 Failure::Unknown(msg.to_string())
             }
         }
-        tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled
-            if msg.contains("transport") || msg.contains("h2") || msg.contains("connection") =>
+        // Statuses the server sends start with "etcdserver:"; these codes without it come from
+        // the local transport (a dropped connection, a cancelled stream).
+        tonic::Code::Cancelled
+        | tonic::Code::Unknown
+        | tonic::Code::Internal
+        | tonic::Code::DeadlineExceeded
+            if !msg.starts_with("etcdserver:") =>
         {
             Failure::Unknown(msg.to_string())
         }
@@ -435,6 +440,24 @@ impl Balancer {
         F: Fn(Channel, Meta) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.call_with_timeout(route, self.opts.timeout, f).await
+    }
+
+    /// `call` with a per-attempt timeout other than the configured one (long operations).
+    pub(crate) async fn call_with_timeout<T, F, Fut>(
+        &self,
+        route: Route,
+        timeout: Duration,
+        f: F,
+    ) -> Result<T, Error>
+    where
+        F: Fn(Channel, Meta) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let meta = Meta {
+            auth: self.meta.auth.clone(),
+            timeout,
+        };
         let deadline = Instant::now() + self.opts.retry_deadline;
         let mut tried: HashSet<String> = HashSet::new();
         let mut last = String::from("no endpoints");
@@ -444,8 +467,8 @@ impl Balancer {
                 break;
             };
             let res = tokio::time::timeout(
-                self.opts.timeout + Duration::from_millis(200),
-                f(ep.channel(), self.meta.clone()),
+                timeout + Duration::from_millis(200),
+                f(ep.channel(), meta.clone()),
             )
             .await;
             let failure = match res {
@@ -454,10 +477,7 @@ impl Balancer {
                     return Ok(resp.into_inner());
                 }
                 Ok(Err(status)) => classify(&status),
-                Err(_) => Failure::Unknown(format!(
-                    "no answer from {} within {:?}",
-                    ep.url, self.opts.timeout
-                )),
+                Err(_) => Failure::Unknown(format!("no answer from {} within {timeout:?}", ep.url)),
             };
             match failure {
                 Failure::Refused(e) => return Err(e),
@@ -568,6 +588,10 @@ mod tests {
         assert!(matches!(classify(&unknown), Failure::Unknown(_)));
         let reset = tonic::Status::unavailable("connection reset");
         assert!(matches!(classify(&reset), Failure::Unknown(_)));
+        let cancelled = tonic::Status::cancelled("operation was canceled");
+        assert!(matches!(classify(&cancelled), Failure::Unknown(_)));
+        let storage = tonic::Status::internal("etcdserver: storage failure: x");
+        assert!(matches!(classify(&storage), Failure::Refused(_)));
         let bad = tonic::Status::invalid_argument("etcdserver: key is not provided");
         assert!(matches!(classify(&bad), Failure::Refused(_)));
     }

@@ -306,6 +306,24 @@ impl Client {
         Ok(resp.header.map(|h| h.revision).unwrap_or(0))
     }
 
+    /// Re-seals every stored value not sealed with the cluster's active encryption key
+    /// (root only). Returns how many values were re-sealed and the active key id.
+    pub async fn reencrypt(&self, batch_size: u32) -> Result<(u64, u32), Error> {
+        let resp = self
+            .lb
+            .call_with_timeout(
+                Route::Write,
+                std::time::Duration::from_secs(3600),
+                move |ch, meta| async move {
+                    raftkv_proto::admin::admin_client::AdminClient::new(ch)
+                        .reencrypt(meta.wrap(raftkv_proto::admin::ReencryptRequest { batch_size }))
+                        .await
+                },
+            )
+            .await?;
+        Ok((resp.reencrypted, resp.active_key))
+    }
+
     /// The cluster's members.
     pub async fn members(&self) -> Result<Vec<Member>, Error> {
         let resp = self

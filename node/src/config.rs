@@ -150,6 +150,14 @@ pub struct ServeArgs {
     #[arg(long, env = "RAFTKV_ENCRYPTION_KEYRING_FILE")]
     pub encryption_keyring_file: Option<PathBuf>,
 
+    /// How often to re-read the keyring file (a rotated Kubernetes Secret), in seconds.
+    #[arg(
+        long,
+        env = "RAFTKV_ENCRYPTION_KEYRING_RELOAD_SECONDS",
+        default_value_t = 10
+    )]
+    pub encryption_keyring_reload_seconds: u64,
+
     /// Most values one key may seal before writes are refused until a new key is active.
     #[arg(long, env = "RAFTKV_ENCRYPTION_KEY_USAGE_LIMIT", default_value_t = crate::crypto::DEFAULT_KEY_USAGE_LIMIT)]
     pub encryption_key_usage_limit: u64,

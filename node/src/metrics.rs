@@ -58,6 +58,9 @@ pub struct Metrics {
     pending_compaction: IntGauge,
     revision: IntGauge,
     compacted_revision: IntGauge,
+    quota: IntGauge,
+    fs_free: IntGauge,
+    fs_size: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -94,7 +97,7 @@ impl Metrics {
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
             2.5, 5.0, 10.0,
         ];
-        Metrics {
+        let m = Metrics {
             grpc_requests: reg(
                 &r,
                 IntCounterVec::new(
@@ -285,12 +288,59 @@ impl Metrics {
                 "raftkv_store_compacted_revision",
                 "Revision at or below which history has been compacted.",
             ),
+            quota: gauge(
+                "raftkv_storage_quota_bytes",
+                "Database size above which writes are refused (NOSPACE).",
+            ),
+            fs_free: gauge(
+                "raftkv_storage_filesystem_free_bytes",
+                "Free bytes on the filesystem holding the data directory.",
+            ),
+            fs_size: gauge(
+                "raftkv_storage_filesystem_size_bytes",
+                "Size in bytes of the filesystem holding the data directory.",
+            ),
             registry: r,
+        };
+        m.init_series();
+        m
+    }
+
+    /// Creates the series of every known label value at zero, so rates and alerts work before
+    /// the first event.
+    fn init_series(&self) {
+        for reason in [
+            "missing",
+            "malformed",
+            "algorithm",
+            "signature",
+            "expired",
+            "not_yet_valid",
+            "issuer",
+            "audience",
+            "claims",
+            "password",
+        ] {
+            self.auth_failures.with_label_values(&[reason]);
         }
+        for op in ["encrypt", "decrypt", "key_exhausted"] {
+            self.crypto_errors.with_label_values(&[op]);
+        }
+        for role in ["voter", "learner"] {
+            self.members.with_label_values(&[role]);
+        }
+    }
+
+    pub fn set_quota(&self, bytes: u64) {
+        self.quota.set(bytes as i64);
     }
 
     /// Reads Raft and storage state into the gauges.
     pub fn refresh(&self, consensus: &Consensus, store: &Store) {
+        if let Some((free, size)) = filesystem_space(store.dir()) {
+            self.fs_free.set(free as i64);
+            self.fs_size.set(size as i64);
+        }
         let s = consensus.status();
         self.term.set(s.term as i64);
         self.leader_id.set(s.leader.unwrap_or(0) as i64);
@@ -348,6 +398,20 @@ impl Metrics {
         }
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// Free and total bytes of the filesystem holding `path`.
+fn filesystem_space(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return None;
+    }
+    let frsize = st.f_frsize as u64;
+    Some((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
 }
 
 /// What decides readiness.

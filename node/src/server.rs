@@ -14,6 +14,7 @@ use crate::metrics::{self, Metrics, ReadinessPolicy};
 use crate::model::{AuthCommand, Command};
 use crate::storage::Store;
 use crate::tls;
+use raftkv_proto::admin::admin_server::AdminServer;
 use raftkv_proto::etcdserverpb::auth_server::AuthServer;
 use raftkv_proto::etcdserverpb::cluster_server::ClusterServer;
 use raftkv_proto::etcdserverpb::kv_server::KvServer;
@@ -52,7 +53,9 @@ pub enum NodeError {
     Serve(String),
 }
 
-/// Checks that the keyring can read everything the data was encrypted with.
+/// Checks that the keyring can read everything the data was encrypted with: every key the
+/// cluster recorded must be present with the same fingerprint, unless no stored value uses it any
+/// more (it was retired after re-encryption).
 fn check_keyring(
     store: &Store,
     sealer: &Sealer,
@@ -62,23 +65,14 @@ fn check_keyring(
     if in_use.is_empty() {
         return Ok(());
     }
-    let Some(ring) = sealer.keyring() else {
-        return Err(NodeError::Config(format!(
-            "the data is encrypted (with key ids {:?}) but no --encryption-keyring-file is configured",
-            in_use.iter().map(|(id, _)| id).collect::<Vec<_>>()
-        )));
-    };
     let file = keyring_file
         .map(|p| p.display().to_string())
         .unwrap_or_default();
+    let ring = sealer.keyring();
+    let mut missing = Vec::new();
     for (id, fp) in in_use {
-        match ring.get(id) {
-            None => {
-                return Err(NodeError::Config(format!(
-                    "the data contains values encrypted with key {id}, which is missing from the keyring {file}; \
-                     restore that key (or re-encrypt with it present) before starting"
-                )));
-            }
+        match ring.as_ref().and_then(|r| r.get(id)) {
+            None => missing.push(id),
             Some(k) if k.fingerprint != fp => {
                 return Err(NodeError::Config(format!(
                     "key {id} in the keyring {file} is not the key the data was encrypted with \
@@ -90,7 +84,41 @@ fn check_keyring(
             Some(_) => {}
         }
     }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // A key may leave the keyring once nothing is sealed with it: look.
+    let still_used = keys_sealing_stored_values(store, &missing)?;
+    if let Some(id) = still_used.first() {
+        if ring.is_none() {
+            return Err(NodeError::Config(format!(
+                "the data is encrypted (key {id}) but no --encryption-keyring-file is configured"
+            )));
+        }
+        return Err(NodeError::Config(format!(
+            "the data contains values encrypted with key {id}, which is missing from the keyring {file}; \
+             put that key back (and re-encrypt with `kvctl reencrypt` before removing it)"
+        )));
+    }
+    tracing::info!(retired = ?missing, "keys absent from the keyring seal no stored value; they were retired");
     Ok(())
+}
+
+/// Which of `ids` still seal some stored value (a full scan; only done when keys are missing).
+fn keys_sealing_stored_values(store: &Store, ids: &[u32]) -> Result<Vec<u32>, NodeError> {
+    let view = store.read_view()?;
+    let mut found = std::collections::BTreeSet::new();
+    view.scan_history(&mut |_, rec| {
+        if let Some(id) = crate::crypto::envelope::Envelope::parse(&rec.value)
+            .ok()
+            .and_then(|e| e.key_id())
+            && ids.contains(&id)
+        {
+            found.insert(id);
+        }
+        Ok(found.len() < ids.len())
+    })?;
+    Ok(found.into_iter().collect())
 }
 
 async fn listen(addr: &str) -> Result<TcpListener, NodeError> {
@@ -144,6 +172,7 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
     check_keyring(&store, &sealer, args.encryption_keyring_file.as_deref())?;
 
     let metrics = Arc::new(Metrics::new(args.id));
+    metrics.set_quota(args.quota_backend_bytes);
     {
         let m = metrics.clone();
         store.set_sync_observer(Arc::new(move |d, n| {
@@ -313,7 +342,8 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
                 MaintenanceServer::new(api::maintenance::MaintenanceService::new(api.clone()))
                     .max_encoding_message_size(usize::MAX),
             )
-            .add_service(AuthServer::new(api::auth::AuthService::new(api.clone())));
+            .add_service(AuthServer::new(api::auth::AuthService::new(api.clone())))
+            .add_service(AdminServer::new(api::admin::AdminService::new(api.clone())));
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(client_listener);
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -350,7 +380,10 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
     tokio::spawn(publish_attributes(consensus.clone(), me.clone()));
     tokio::spawn(quota_loop(api.clone()));
     if args.encryption_keyring_file.is_some() {
-        tokio::spawn(keyring_reload_loop(sealer.clone()));
+        tokio::spawn(keyring_reload_loop(
+            sealer.clone(),
+            Duration::from_secs(args.encryption_keyring_reload_seconds.max(1)),
+        ));
     }
     if let Some(pw_file) = &args.initial_root_password_file
         && data.identity.initialized
@@ -474,9 +507,9 @@ async fn quota_loop(api: Api) {
 }
 
 /// Picks up keyring changes (a rotated Kubernetes Secret) without a restart.
-async fn keyring_reload_loop(sealer: Sealer) {
+async fn keyring_reload_loop(sealer: Sealer, every: Duration) {
     loop {
-        tokio::time::sleep(Duration::from_secs(10)).await;
+        tokio::time::sleep(every).await;
         match sealer.reload() {
             Ok(true) => {
                 tracing::info!(active = ?sealer.active_key().map(|k| k.0), "keyring reloaded")

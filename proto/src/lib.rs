@@ -18,3 +18,7 @@ pub mod etcdserverpb {
 pub mod peer {
     tonic::include_proto!("raftkv.peer.v1");
 }
+
+pub mod admin {
+    tonic::include_proto!("raftkv.admin.v1");
+}

@@ -40,6 +40,113 @@ pub struct Options {
     pub snapshot_threshold: u64,
     pub snapshot_log_keep: u64,
     pub extra_args: Vec<String>,
+    /// Token verification flags replacing the default `--jwt-secret-file <generated secret>`.
+    pub auth_args: Option<Vec<String>>,
+    /// Serve TLS on the client port and mutual TLS on the peer port, with generated certificates.
+    pub tls: bool,
+}
+
+/// Certificates made with openssl for a test cluster: a CA, a member certificate valid for
+/// 127.0.0.1 and localhost (used for both ports), and a client certificate.
+#[derive(Clone, Debug)]
+pub struct CertFiles {
+    pub ca: PathBuf,
+    pub ca_key: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl is required for TLS tests");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Issues a CA and certificates signed by it under `dir` (names prefixed with `prefix`).
+pub fn make_certs(dir: &Path, prefix: &str) -> CertFiles {
+    let f = |n: &str| format!("{prefix}{n}");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=raftkv test CA",
+            "-keyout",
+            &f("ca-key.pem"),
+            "-out",
+            &f("ca.pem"),
+        ],
+    );
+    let ext = dir.join(f("san.ext"));
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    for (name, cn) in [("node", "raftkv member"), ("client", "raftkv client")] {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-keyout",
+                &f(&format!("{name}-key.pem")),
+                "-out",
+                &f(&format!("{name}.csr")),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &f(&format!("{name}.csr")),
+                "-CA",
+                &f("ca.pem"),
+                "-CAkey",
+                &f("ca-key.pem"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &f("san.ext"),
+                "-out",
+                &f(&format!("{name}.pem")),
+            ],
+        );
+    }
+    CertFiles {
+        ca: dir.join(f("ca.pem")),
+        ca_key: dir.join(f("ca-key.pem")),
+        cert: dir.join(f("node.pem")),
+        key: dir.join(f("node-key.pem")),
+        client_cert: dir.join(f("client.pem")),
+        client_key: dir.join(f("client-key.pem")),
+    }
 }
 
 impl Default for Options {
@@ -50,6 +157,8 @@ impl Default for Options {
             snapshot_threshold: 10_000,
             snapshot_log_keep: 5_000,
             extra_args: Vec::new(),
+            auth_args: None,
+            tls: false,
         }
     }
 }
@@ -65,6 +174,7 @@ pub struct Cluster {
     issuer: TokenIssuer,
     pub token: String,
     pub cluster_token: String,
+    pub certs: Option<CertFiles>,
 }
 
 /// Path of a workspace binary (`raftkv`, `kvctl`) next to the running test's target directory,
@@ -111,6 +221,7 @@ impl Cluster {
         .unwrap()
         .unwrap();
         let token = issuer.issue("admin", &["root".into()], None).unwrap();
+        let certs = opts.tls.then(|| make_certs(root.path(), ""));
         let members = (1..=opts.nodes)
             .map(|id| Member {
                 id,
@@ -135,6 +246,7 @@ impl Cluster {
             issuer,
             token,
             cluster_token: "test-cluster".into(),
+            certs,
         };
         for i in 0..c.members.len() {
             c.spawn(i);
@@ -144,9 +256,14 @@ impl Cluster {
     }
 
     pub fn initial_cluster(&self) -> String {
+        let scheme = if self.certs.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         self.members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.id, m.ports.peer))
+            .map(|m| format!("{}={scheme}://127.0.0.1:{}", m.id, m.ports.peer))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -166,8 +283,6 @@ impl Cluster {
             ])
             .args(["--initial-cluster", &self.initial_cluster()])
             .args(["--cluster-token", &self.cluster_token])
-            .arg("--jwt-secret-file")
-            .arg(&self.secret)
             .arg("--initial-root-password-file")
             .arg(&self.root_password_file)
             .args(["--heartbeat-interval-ms", "50"])
@@ -181,10 +296,30 @@ impl Cluster {
                 &self.opts.snapshot_log_keep.to_string(),
             ])
             .args(&self.opts.extra_args)
+            .args(["--encryption-keyring-reload-seconds", "1"])
             .env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null());
+        match &self.opts.auth_args {
+            Some(args) => {
+                cmd.args(args);
+            }
+            None => {
+                cmd.arg("--jwt-secret-file").arg(&self.secret);
+            }
+        }
         if self.opts.encryption {
             cmd.arg("--encryption-keyring-file").arg(&self.keyring);
+        }
+        if let Some(c) = &self.certs {
+            cmd.arg("--client-cert-file").arg(&c.cert);
+            cmd.arg("--client-key-file").arg(&c.key);
+            cmd.arg("--peer-cert-file").arg(&c.cert);
+            cmd.arg("--peer-key-file").arg(&c.key);
+            cmd.arg("--peer-trusted-ca-file").arg(&c.ca);
+            cmd.args([
+                "--advertise-peer",
+                &format!("https://127.0.0.1:{}", m.ports.peer),
+            ]);
         }
         cmd
     }
@@ -229,7 +364,31 @@ impl Cluster {
     }
 
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].ports.client)
+        let scheme = if self.certs.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.members[i].ports.client)
+    }
+
+    /// A channel to member `i`'s client port (TLS when the cluster serves it).
+    pub async fn channel(&self, i: usize) -> Channel {
+        let mut ep = tonic::transport::Endpoint::from_shared(self.endpoint(i))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10));
+        if let Some(c) = &self.certs {
+            let ca = std::fs::read(&c.ca).unwrap();
+            ep = ep
+                .tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                        .domain_name("localhost"),
+                )
+                .unwrap();
+        }
+        ep.connect_lazy()
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -314,11 +473,11 @@ impl Cluster {
     }
 
     pub async fn kv(&self, i: usize) -> KvClient<Channel> {
-        KvClient::new(channel(&self.endpoint(i)).await)
+        KvClient::new(self.channel(i).await)
     }
 
     pub async fn maintenance(&self, i: usize) -> MaintenanceClient<Channel> {
-        MaintenanceClient::new(channel(&self.endpoint(i)).await)
+        MaintenanceClient::new(self.channel(i).await)
     }
 
     pub async fn status(&self, i: usize) -> Option<pb::StatusResponse> {

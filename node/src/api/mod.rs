@@ -1,6 +1,7 @@
 //! The client port: the etcd v3 gRPC API (KV, Watch, Lease, Cluster, Maintenance, Auth) plus
 //! gRPC health, behind an edge layer that authenticates every request.
 
+pub mod admin;
 pub mod auth;
 pub mod cluster;
 pub mod convert;

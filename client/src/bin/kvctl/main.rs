@@ -117,6 +117,13 @@ enum Cmd {
     Compact { revision: i64 },
     /// Show the leader.
     Leader,
+    /// Re-seal every stored value with the active encryption key (root only); afterwards older
+    /// keys can be removed from the keyring.
+    Reencrypt {
+        /// Values per Raft proposal.
+        #[arg(long, default_value_t = 256)]
+        batch_size: u32,
+    },
     /// Sign tokens.
     #[command(subcommand)]
     Token(token::TokenCmd),
@@ -416,6 +423,14 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     Some(m) => println!("{:x} {} {}", m.id, m.name, m.client_urls.join(",")),
                     None => println!("{leader:x}"),
                 }
+            }
+        }
+        Cmd::Reencrypt { batch_size } => {
+            let (n, key) = client.reencrypt(*batch_size).await?;
+            if json_out {
+                println!("{}", json!({"reencrypted": n, "active_key": key}));
+            } else {
+                println!("re-encrypted {n} values; everything is sealed with key {key}");
             }
         }
         Cmd::Token(_) | Cmd::Bench(_) => {}
