@@ -15,9 +15,15 @@ pub enum ClusterState {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// This member's id (a positive integer, unique in the cluster).
+    /// This member's id (a positive integer, unique in the cluster). Derived from --pod-name
+    /// when not given.
     #[arg(long = "id", env = "RAFTKV_ID")]
-    pub id: u64,
+    pub id: Option<u64>,
+
+    /// The pod name in a Kubernetes StatefulSet (`<set>-<ordinal>`): the member id defaults to
+    /// ordinal + 1 and the name to the pod name.
+    #[arg(long, env = "RAFTKV_POD_NAME")]
+    pub pod_name: Option<String>,
 
     /// Human-readable member name (default: node-<id>).
     #[arg(long, env = "RAFTKV_NAME")]
@@ -196,10 +202,31 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The member id: --id, or the StatefulSet ordinal of --pod-name plus one.
+    pub fn member_id(&self) -> Result<u64, String> {
+        if let Some(id) = self.id {
+            return if id == 0 {
+                Err("--id must be a positive integer".into())
+            } else {
+                Ok(id)
+            };
+        }
+        let Some(pod) = &self.pod_name else {
+            return Err("give --id (or --pod-name of a StatefulSet pod)".into());
+        };
+        pod.rsplit_once('-')
+            .and_then(|(_, ord)| ord.parse::<u64>().ok())
+            .map(|o| o + 1)
+            .ok_or_else(|| {
+                format!("cannot derive a member id from pod name {pod:?}: it does not end in -<ordinal>")
+            })
+    }
+
     pub fn name(&self) -> String {
         self.name
             .clone()
-            .unwrap_or_else(|| format!("node-{}", self.id))
+            .or_else(|| self.pod_name.clone())
+            .unwrap_or_else(|| format!("node-{}", self.id.unwrap_or(0)))
     }
 
     fn scheme(tls: bool) -> &'static str {
@@ -277,6 +304,25 @@ pub fn parse_initial_cluster(items: &[String], tls: bool) -> Result<Vec<(u64, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn member_id_from_pod_name() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            a: ServeArgs,
+        }
+        let t = T::parse_from(["t", "--data-dir", "/d", "--pod-name", "kv-2"]);
+        assert_eq!(t.a.member_id().unwrap(), 3);
+        assert_eq!(t.a.name(), "kv-2");
+        let t = T::parse_from(["t", "--data-dir", "/d", "--pod-name", "nope"]);
+        assert!(t.a.member_id().is_err());
+        let t = T::parse_from(["t", "--data-dir", "/d", "--id", "7"]);
+        assert_eq!(t.a.member_id().unwrap(), 7);
+        let t = T::parse_from(["t", "--data-dir", "/d", "--id", "0"]);
+        assert!(t.a.member_id().is_err());
+    }
 
     #[test]
     fn initial_cluster_parsing() {

@@ -121,6 +121,12 @@ fn keys_sealing_stored_values(store: &Store, ids: &[u32]) -> Result<Vec<u32>, No
     Ok(found.into_iter().collect())
 }
 
+/// Accepted connections with Nagle's algorithm off: small gRPC frames must not wait for the
+/// peer's delayed ACK (40 ms on Linux).
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 async fn listen(addr: &str) -> Result<TcpListener, NodeError> {
     TcpListener::bind(addr)
         .await
@@ -131,21 +137,20 @@ async fn listen(addr: &str) -> Result<TcpListener, NodeError> {
 }
 
 /// Runs the member until a shutdown signal.
-pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
-    if args.id == 0 {
-        return Err(NodeError::Config("--id must be a positive integer".into()));
-    }
+pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
+    let my_id = args.member_id().map_err(NodeError::Config)?;
+    args.id = Some(my_id);
     let initial =
         parse_initial_cluster(&args.initial_cluster, args.peer_tls()).map_err(NodeError::Config)?;
     if args.initial_cluster_state == ClusterState::New
-        && !initial.iter().any(|(id, _)| *id == args.id)
+        && !initial.iter().any(|(id, _)| *id == my_id)
     {
         return Err(NodeError::Config(format!(
             "--initial-cluster must name this member ({}) when forming a new cluster",
-            args.id
+            my_id
         )));
     }
-    let data = DataDir::claim(&args.data_dir, &args.cluster_token, args.id)?;
+    let data = DataDir::claim(&args.data_dir, &args.cluster_token, my_id)?;
     let cluster_id = data.identity.cluster_id;
 
     let sealer = match &args.encryption_keyring_file {
@@ -171,7 +176,7 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
     let store = Store::open(&data.db_path())?;
     check_keyring(&store, &sealer, args.encryption_keyring_file.as_deref())?;
 
-    let metrics = Arc::new(Metrics::new(args.id));
+    let metrics = Arc::new(Metrics::new(my_id));
     metrics.set_quota(args.quota_backend_bytes);
     {
         let m = metrics.clone();
@@ -207,7 +212,7 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
     };
     let consensus = Consensus::start(
         ConsensusConfig {
-            node_id: args.id,
+            node_id: my_id,
             cluster_id,
             heartbeat_interval: args.heartbeat(),
             election_timeout: args.election_timeout(),
@@ -223,6 +228,10 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
     .await
     .map_err(NodeError::Raft)?;
 
+    if data.fresh && args.initial_cluster_state == ClusterState::Existing {
+        consensus.abstain_until_caught_up();
+    }
+
     // Peer port first: other members may be waiting for us.
     let peer_listener = listen(&args.listen_peer).await?;
     let mut peer_server = Server::builder();
@@ -234,7 +243,7 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let peer_task = {
         let router = peer_server.add_service(consensus.peer_service().into_server());
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(peer_listener);
+        let incoming = incoming(peer_listener);
         let stop = shutdown.clone();
         tokio::spawn(async move {
             router
@@ -251,7 +260,7 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
     let mut data = data;
     if args.initial_cluster_state == ClusterState::New
         && !data.identity.initialized
-        && initial.iter().map(|(id, _)| *id).min() == Some(args.id)
+        && initial.iter().map(|(id, _)| *id).min() == Some(my_id)
     {
         if consensus.is_initialized().await {
             tracing::info!("raft state already present; not initializing");
@@ -259,7 +268,7 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
             let members: BTreeMap<u64, MemberNode> = initial
                 .iter()
                 .map(|(id, url)| {
-                    let node = if *id == args.id {
+                    let node = if *id == my_id {
                         me.clone()
                     } else {
                         MemberNode {
@@ -344,7 +353,7 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
             )
             .add_service(AuthServer::new(api::auth::AuthService::new(api.clone())))
             .add_service(AdminServer::new(api::admin::AdminService::new(api.clone())));
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(client_listener);
+        let incoming = incoming(client_listener);
         let stop = shutdown.clone();
         tokio::spawn(async move {
             router
@@ -366,7 +375,7 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
     };
 
     tracing::info!(
-        member = args.id,
+        member = my_id,
         name = %me.name,
         cluster = %format!("{cluster_id:x}"),
         client = %me.client_urls.join(","),
@@ -401,7 +410,7 @@ pub async fn run(args: ServeArgs) -> Result<(), NodeError> {
     }
 
     wait_for_signal().await;
-    tracing::info!(member = args.id, "shutting down");
+    tracing::info!(member = my_id, "shutting down");
     shutdown.notify_waiters();
     consensus.shutdown().await;
     for (name, task) in [("peer", peer_task), ("client", client_task)] {

@@ -135,6 +135,8 @@ pub type LeaderHandler = Arc<
 >;
 
 struct Inner {
+    /// While set, this member grants no votes (see `abstain_until_caught_up`).
+    abstaining: std::sync::atomic::AtomicBool,
     leader_changes: std::sync::atomic::AtomicU64,
     /// When a leader last sent this node anything (replication or heartbeat).
     last_leader_contact: std::sync::Mutex<Option<std::time::Instant>>,
@@ -187,6 +189,7 @@ impl Consensus {
         .await
         .map_err(|e| format!("starting raft: {e}"))?;
         let inner = Arc::new(Inner {
+            abstaining: std::sync::atomic::AtomicBool::new(false),
             leader_changes: std::sync::atomic::AtomicU64::new(0),
             last_leader_contact: std::sync::Mutex::new(None),
             leader_handler: std::sync::RwLock::new(None),
@@ -261,6 +264,31 @@ impl Consensus {
             .and_then(|t| *t)
             .map(|t| t.elapsed().as_millis() as u64);
         s
+    }
+
+    /// For a member that joins an existing cluster with empty storage: it grants no votes until
+    /// it holds the cluster's committed data. A member that lost its disk could otherwise help
+    /// elect a leader that lacks entries this member had acknowledged before the loss.
+    pub fn abstain_until_caught_up(&self) {
+        use std::sync::atomic::Ordering;
+        self.inner.abstaining.store(true, Ordering::SeqCst);
+        tracing::info!(node = self.id(), "joining with empty storage: abstaining from elections until caught up");
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let s = this.status();
+                if s.applied > 0 && s.applied >= s.committed && s.leader.is_some() {
+                    this.inner.abstaining.store(false, Ordering::SeqCst);
+                    tracing::info!(node = this.id(), applied = s.applied, "caught up: taking part in elections");
+                    return;
+                }
+            }
+        });
+    }
+
+    pub(crate) fn is_abstaining(&self) -> bool {
+        self.inner.abstaining.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Records that a leader just reached this node.

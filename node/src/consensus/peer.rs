@@ -116,6 +116,11 @@ impl RaftPeer for PeerService {
 
     async fn vote(&self, req: Request<Frame>) -> Result<Response<Frame>, Status> {
         self.check_cluster(&req)?;
+        if self.consensus.is_abstaining() {
+            return Err(Status::unavailable(
+                "member is joining with empty storage and abstains from elections until caught up",
+            ));
+        }
         let rpc = decode(&req.into_inner().data).map_err(bad)?;
         let resp = self
             .consensus
@@ -129,6 +134,11 @@ impl RaftPeer for PeerService {
 
     async fn pre_vote(&self, req: Request<Frame>) -> Result<Response<Frame>, Status> {
         self.check_cluster(&req)?;
+        if self.consensus.is_abstaining() {
+            return Err(Status::unavailable(
+                "member is joining with empty storage and abstains from elections until caught up",
+            ));
+        }
         let rpc = decode(&req.into_inner().data).map_err(bad)?;
         let resp = self
             .consensus

@@ -193,6 +193,27 @@ mod tests {
     }
 
     #[test]
+    fn random_and_mutated_envelopes_never_panic_or_open() {
+        let s = Sealer::new(Keyring::generate(), None, DEFAULT_KEY_USAGE_LIMIT);
+        let good = s.seal(b"k", b"value").unwrap();
+        for i in 0..20_000u32 {
+            let mut b: Vec<u8> = if i % 2 == 0 {
+                (0..(i % 97)).map(|_| rand::random()).collect()
+            } else {
+                good.clone()
+            };
+            if !b.is_empty() {
+                let at = rand::random_range(0..b.len());
+                b[at] ^= rand::random_range(1..=255u8);
+            }
+            let _ = Envelope::parse(&b);
+            if let Ok(plain) = s.open(b"k", &b) {
+                assert!(matches!(Envelope::parse(&b), Ok(Envelope::Plain(_))), "forged value opened: {plain:?}");
+            }
+        }
+    }
+
+    #[test]
     fn rotation_keeps_old_values_readable() {
         let mut ring = Keyring::generate();
         let s1 = Sealer::new(Keyring::parse(&ring.to_json()).unwrap(), None, 10);

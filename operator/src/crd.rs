@@ -1,0 +1,320 @@
+//! The `KVCluster` custom resource (`raftkv.io/v1alpha1`): what a user asks for, and what the
+//! operator reports back in its status.
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A raftkv cluster: a Raft group of `replicas` members, each a pod with its own volume.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "raftkv.io",
+    version = "v1alpha1",
+    kind = "KVCluster",
+    plural = "kvclusters",
+    shortname = "kvc",
+    namespaced,
+    status = "KVClusterStatus",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Leader", type_ = "string", json_path = ".status.leader"),
+    printcolumn(name = "Version", type_ = "string", json_path = ".status.currentVersion"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    doc = "A raftkv cluster"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct KVClusterSpec {
+    /// Number of voting members: odd, 1 to 9. Changed one member at a time.
+    #[x_kube(validation = Rule::new("self % 2 == 1").message("replicas must be odd (1, 3, 5, 7 or 9): an even count adds no fault tolerance"))]
+    #[schemars(range(min = 1, max = 9))]
+    pub replicas: i32,
+
+    /// raftkv version; changing it rolls the members one at a time, followers first.
+    #[schemars(length(min = 1, max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9A-Za-z._-]+$')").message("version must be an image tag (letters, digits, '.', '_', '-')"))]
+    pub version: String,
+
+    /// Container image repository (the tag is `version`).
+    #[serde(default = "default_image")]
+    pub image: String,
+
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    #[serde(default)]
+    pub storage: StorageSpec,
+
+    #[serde(default)]
+    pub auth: AuthSpec,
+
+    #[serde(default)]
+    pub encryption: EncryptionSpec,
+
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+
+    #[serde(default)]
+    pub monitoring: MonitoringSpec,
+
+    #[serde(default)]
+    pub pod_disruption_budget: PodDisruptionBudgetSpec,
+
+    /// Pod affinity; by default members prefer distinct nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+
+    #[serde(default)]
+    pub raft: RaftSpec,
+}
+
+fn default_image() -> String {
+    "raftkv".into()
+}
+
+/// What happens to a member's volume when the cluster is deleted or scaled down.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+pub enum RetentionPolicy {
+    /// Keep the volume (and its data).
+    #[default]
+    Retain,
+    /// Delete the volume with the member.
+    Delete,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Volume size per member, e.g. `1Gi`.
+    #[serde(default = "default_size")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(\\\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$')").message("size must be a quantity such as 512Mi or 10Gi"))]
+    pub size: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// Volumes of a deleted cluster.
+    #[serde(default)]
+    pub when_deleted: RetentionPolicy,
+    /// Volumes of members removed by scaling down.
+    #[serde(default)]
+    pub when_scaled: RetentionPolicy,
+}
+
+fn default_size() -> String {
+    "1Gi".into()
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        StorageSpec {
+            size: default_size(),
+            storage_class_name: None,
+            when_deleted: RetentionPolicy::Retain,
+            when_scaled: RetentionPolicy::Delete,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+pub enum JwtAlgorithm {
+    #[default]
+    HS256,
+    RS256,
+    ES256,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// HS256: a generated shared secret unless `secretName` names one (key `secret`).
+    /// RS256/ES256: `secretName` must hold `public.pem` (verification) and `private.pem`
+    /// (so the operator and Authenticate can sign tokens).
+    #[serde(default)]
+    pub algorithm: JwtAlgorithm,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// Required `iss` claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// Required `aud` claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptionSpec {
+    /// Encrypt values at rest with AES-256-GCM.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Secret with the keyring (key `keyring.json`); generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyring_secret_name: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for EncryptionSpec {
+    fn default() -> Self {
+        EncryptionSpec {
+            enabled: true,
+            keyring_secret_name: None,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// Secret (type kubernetes.io/tls, plus `ca.crt`) for the client port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_name: Option<String>,
+    /// Secret (type kubernetes.io/tls, plus `ca.crt`) for the peer port; mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_secret_name: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoringSpec {
+    /// Create a Prometheus Operator ServiceMonitor (when its API is installed).
+    #[serde(default)]
+    pub service_monitor: bool,
+    /// Labels for the ServiceMonitor (to match a Prometheus's selector).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "default_interval")]
+    pub interval: String,
+}
+
+fn default_interval() -> String {
+    "30s".into()
+}
+
+impl Default for MonitoringSpec {
+    fn default() -> Self {
+        MonitoringSpec {
+            service_monitor: false,
+            labels: BTreeMap::new(),
+            interval: default_interval(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodDisruptionBudgetSpec {
+    /// A PodDisruptionBudget that lets at most `replicas - quorum` members be disrupted.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+impl Default for PodDisruptionBudgetSpec {
+    fn default() -> Self {
+        PodDisruptionBudgetSpec { enabled: true }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RaftSpec {
+    #[serde(default = "default_election")]
+    #[x_kube(validation = Rule::new("self >= 100 && self <= 60000").message("electionTimeoutMs must be between 100 and 60000"))]
+    pub election_timeout_ms: i64,
+    #[serde(default = "default_heartbeat")]
+    #[x_kube(validation = Rule::new("self >= 10 && self <= 10000").message("heartbeatIntervalMs must be between 10 and 10000"))]
+    pub heartbeat_interval_ms: i64,
+    /// Log entries between snapshots.
+    #[serde(default = "default_snapshot")]
+    #[x_kube(validation = Rule::new("self >= 100").message("snapshotThreshold must be at least 100"))]
+    pub snapshot_threshold: i64,
+}
+
+fn default_election() -> i64 {
+    1000
+}
+fn default_heartbeat() -> i64 {
+    100
+}
+fn default_snapshot() -> i64 {
+    10_000
+}
+
+impl Default for RaftSpec {
+    fn default() -> Self {
+        RaftSpec {
+            election_timeout_ms: default_election(),
+            heartbeat_interval_ms: default_heartbeat(),
+            snapshot_threshold: default_snapshot(),
+        }
+    }
+}
+
+/// One member as the operator last saw it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberStatus {
+    pub id: u64,
+    pub pod: String,
+    /// `leader`, `follower` or `learner`.
+    pub role: String,
+    pub healthy: bool,
+    pub applied_index: u64,
+    /// The volume this member's data lives on; a new volume means the data was lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_uid: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KVClusterStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Creating, Running, Scaling, Upgrading, Degraded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Members (pods) that exist.
+    #[serde(default)]
+    pub replicas: i32,
+    #[serde(default)]
+    pub ready_replicas: i32,
+    #[serde(default)]
+    pub members: Vec<MemberStatus>,
+    /// Pod name of the leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// The version every member runs (unset while a rollout is in progress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<String>,
+    /// Label selector of the member pods (for the scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Set once the cluster has formed: new members then join an existing cluster.
+    #[serde(default)]
+    pub bootstrapped: bool,
+}
+
+/// The CRD as YAML (what `raftkv-operator crd` prints and `crds/` holds).
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&KVCluster::crd())
+}
