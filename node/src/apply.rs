@@ -6,7 +6,9 @@
 
 use crate::model::{ApplyError, ApplyOutput, ApplyResponse, Command, PermType, Proposal};
 use crate::storage::auth_state::{self, AuthSource};
-use crate::storage::mvcc::{self, Authorizer, Counters, Event, ReadError, ValueOpener, WriteTxn};
+use crate::storage::mvcc::{
+    self, Authorizer, Counters, Event, ReadError, Staging, ValueOpener, WriteTxn,
+};
 use crate::storage::{CF_META, StorageError, Store};
 use rocksdb::WriteBatch;
 use std::sync::Arc;
@@ -14,39 +16,147 @@ use std::sync::Arc;
 const KEY_USAGE_PREFIX: &[u8] = b"enc/usage/";
 const KEY_FINGERPRINT_PREFIX: &[u8] = b"enc/fingerprint/";
 
-/// The result of applying one proposal, before it is written.
+/// The result of applying one proposal, staged into a batch but not yet written.
 pub struct Staged {
-    pub batch: WriteBatch,
     pub counters: Counters,
     pub response: ApplyResponse,
     pub events: Vec<Event>,
+    /// Users or roles changed: the auth cache must be reloaded once this is written.
+    pub auth_changed: bool,
 }
 
-/// Applies proposals. Holds what the state machine needs besides the database.
+/// Per encryption key: values sealed so far, and whether its fingerprint is recorded.
+type KeyUsage = std::collections::HashMap<u32, (u64, Option<[u8; 16]>)>;
+
+/// Applies proposals. Holds what the state machine needs besides the database, including the
+/// in-memory copies of state every apply consults (auth, key usage), so applying reads nothing
+/// but the keys it changes.
 #[derive(Clone)]
 pub struct Executor {
     opener: Arc<dyn ValueOpener + Send + Sync>,
+    auth: Arc<auth_state::AuthCache>,
+    usage: Arc<std::sync::Mutex<KeyUsage>>,
+    /// Keys whose usage changed since it was last staged.
+    dirty: Arc<std::sync::Mutex<Vec<u32>>>,
+    meta: Arc<std::sync::Mutex<mvcc::MetaCache>>,
 }
 
+/// Live keys whose metadata the executor keeps in memory.
+const META_CACHE_KEYS: usize = 1 << 20;
+
 impl Executor {
-    pub fn new(opener: Arc<dyn ValueOpener + Send + Sync>) -> Executor {
-        Executor { opener }
+    pub fn new(
+        store: &Store,
+        opener: Arc<dyn ValueOpener + Send + Sync>,
+    ) -> Result<Executor, StorageError> {
+        Ok(Executor {
+            opener,
+            auth: Arc::new(auth_state::AuthCache::load(store)?),
+            usage: Arc::default(),
+            dirty: Arc::default(),
+            meta: Arc::new(std::sync::Mutex::new(mvcc::MetaCache::new(META_CACHE_KEYS))),
+        })
     }
 
     pub fn opener(&self) -> &(dyn ValueOpener + Send + Sync) {
         self.opener.as_ref()
     }
 
-    /// Stages `proposal` on top of `counters`. Refusals produce an empty batch and an error
-    /// response; only storage failures are errors.
+    /// The replicated auth state, as of the last applied entry.
+    pub fn auth(&self) -> &Arc<auth_state::AuthCache> {
+        &self.auth
+    }
+
+    /// Re-reads the cached state from the store (after a snapshot replaced it, or auth changed).
+    pub fn reload(&self, store: &Store) -> Result<(), StorageError> {
+        self.auth.reload(store)?;
+        if let Ok(mut u) = self.usage.lock() {
+            u.clear();
+        }
+        if let Ok(mut d) = self.dirty.lock() {
+            d.clear();
+        }
+        if let Ok(mut m) = self.meta.lock() {
+            m.clear();
+        }
+        Ok(())
+    }
+
+    /// Values sealed with key `id` and its recorded fingerprint, cached after the first read.
+    fn usage_of(&self, store: &Store, id: u32) -> Result<(u64, Option<[u8; 16]>), StorageError> {
+        if let Ok(u) = self.usage.lock()
+            && let Some(v) = u.get(&id)
+        {
+            return Ok(*v);
+        }
+        let v = (key_usage(store, id)?, key_fingerprint(store, id)?);
+        if let Ok(mut u) = self.usage.lock() {
+            u.insert(id, v);
+        }
+        Ok(v)
+    }
+
+    /// How many values key `id` has sealed (for the usage limit on the write path).
+    pub fn sealed_count(&self, store: &Store, id: u32) -> Result<u64, StorageError> {
+        Ok(self.usage_of(store, id)?.0)
+    }
+
+    /// Whether `cmd` must be staged in a batch of its own: it reads state that entries staged
+    /// before it in the same batch would change (leases, history, auth), or changes state that
+    /// entries after it must see in the database or the auth cache.
+    pub fn needs_own_batch(cmd: &Command) -> bool {
+        fn txn(t: &crate::model::TxnRequest) -> bool {
+            t.success.iter().chain(t.failure.iter()).any(|op| match op {
+                crate::model::RequestOp::Range(r) => r.revision > 0,
+                crate::model::RequestOp::Put(p) => p.lease != 0 || p.ignore_lease,
+                crate::model::RequestOp::Delete(_) => false,
+                crate::model::RequestOp::Txn(inner) => txn(inner),
+            })
+        }
+        match cmd {
+            Command::Put(p) => p.lease != 0 || p.ignore_lease,
+            Command::Delete(_) => false,
+            Command::Txn(t) => txn(t),
+            _ => true,
+        }
+    }
+
+    /// Stages the key-usage counters that changed since the last call.
+    pub fn stage_usage(&self, store: &Store, batch: &mut WriteBatch) -> Result<(), StorageError> {
+        let ids: Vec<u32> = match self.dirty.lock() {
+            Ok(mut d) => std::mem::take(&mut *d),
+            Err(_) => Vec::new(),
+        };
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let usage = self
+            .usage
+            .lock()
+            .map_err(|_| StorageError::Other("key usage cache poisoned".into()))?;
+        let meta = store.cf(CF_META)?;
+        for id in ids {
+            if let Some((used, fp)) = usage.get(&id) {
+                batch.put_cf(meta, usage_key(id), used.to_be_bytes());
+                if let Some(fp) = fp {
+                    batch.put_cf(meta, fingerprint_key(id), fp);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stages `proposal` on top of `counters` into `staging`. A refusal stages nothing and
+    /// carries an error response; only storage failures are errors.
     pub fn stage(
         &self,
         store: &Store,
         counters: Counters,
+        staging: &mut Staging,
         proposal: &Proposal,
     ) -> Result<Staged, StorageError> {
         if let Some(k) = &proposal.key
-            && let Some(known) = key_fingerprint(store, k.id)?
+            && let (_, Some(known)) = self.usage_of(store, k.id)?
             && known != k.fingerprint
         {
             return Ok(refused(
@@ -58,8 +168,13 @@ impl Executor {
                 )),
             ));
         }
-        let grants = store.grants(proposal.principal.as_ref())?;
-        let mut txn = WriteTxn::new(store, counters, self.opener.as_ref());
+        let grants = self.auth.get().grants(proposal.principal.as_ref());
+        let mut meta = self
+            .meta
+            .lock()
+            .map_err(|_| StorageError::Other("key metadata cache poisoned".into()))?;
+        let mut txn =
+            WriteTxn::new(store, counters, self.opener.as_ref(), staging).with_meta_cache(&meta);
         let outcome = self.run(store, &mut txn, &grants, proposal);
         let outcome = match outcome {
             Ok(out) => Ok(out),
@@ -71,15 +186,23 @@ impl Executor {
                 if let Some(k) = &proposal.key {
                     let sealed = sealed_values(&proposal.command);
                     if sealed > 0 {
-                        let usage = key_usage(store, k.id)? + sealed;
-                        let meta = store.cf(CF_META)?;
-                        txn.batch.put_cf(meta, usage_key(k.id), usage.to_be_bytes());
-                        txn.batch.put_cf(meta, fingerprint_key(k.id), k.fingerprint);
+                        let (used, _) = self.usage_of(store, k.id)?;
+                        if let Ok(mut u) = self.usage.lock() {
+                            u.insert(k.id, (used + sealed, Some(k.fingerprint)));
+                        }
+                        if let Ok(mut d) = self.dirty.lock()
+                            && !d.contains(&k.id)
+                        {
+                            d.push(k.id);
+                        }
                     }
                 }
-                let (batch, counters, events) = txn.finish()?;
+                let changes = std::mem::take(&mut txn.meta_changes);
+                let (counters, events, overlay) = txn.finish();
+                staging.overlay.extend(overlay);
+                meta.update(changes);
                 Ok(Staged {
-                    batch,
+                    auth_changed: matches!(proposal.command, Command::Auth(_)),
                     counters,
                     response: ApplyResponse {
                         revision: counters.revision,
@@ -125,7 +248,7 @@ impl Executor {
             }
             Command::Auth(cmd) => {
                 admin()?;
-                match auth_state::apply(store, &mut txn.batch, cmd)? {
+                match auth_state::apply(store, txn.batch, cmd)? {
                     Ok(()) => Ok(ApplyOutput::Auth),
                     Err(e) => Err(e.into()),
                 }
@@ -164,13 +287,13 @@ impl Executor {
 /// A refusal: nothing written but the applied marker the caller adds.
 fn refused(counters: Counters, e: ApplyError) -> Staged {
     Staged {
-        batch: WriteBatch::default(),
         counters,
         response: ApplyResponse {
             revision: counters.revision,
             result: Err(e),
         },
         events: Vec::new(),
+        auth_changed: false,
     }
 }
 

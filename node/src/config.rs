@@ -85,7 +85,7 @@ pub struct ServeArgs {
     pub election_timeout_ms: u64,
 
     /// Log entries between snapshots.
-    #[arg(long, env = "RAFTKV_SNAPSHOT_THRESHOLD", default_value_t = 10_000)]
+    #[arg(long, env = "RAFTKV_SNAPSHOT_THRESHOLD", default_value_t = 100_000)]
     pub snapshot_threshold: u64,
 
     /// Log entries kept behind a snapshot for followers that are only slightly behind.
@@ -218,7 +218,9 @@ impl ServeArgs {
             .and_then(|(_, ord)| ord.parse::<u64>().ok())
             .map(|o| o + 1)
             .ok_or_else(|| {
-                format!("cannot derive a member id from pod name {pod:?}: it does not end in -<ordinal>")
+                format!(
+                    "cannot derive a member id from pod name {pod:?}: it does not end in -<ordinal>"
+                )
             })
     }
 

@@ -200,6 +200,7 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
             }),
         }
     };
+    let executor = Executor::new(&store, Arc::new(sealer.clone()))?;
     let peer_tls = match (
         &args.peer_cert_file,
         &args.peer_key_file,
@@ -222,7 +223,7 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
             peer_tls: peer_tls.as_ref().map(|(c, _)| c.clone()),
         },
         store.clone(),
-        Executor::new(Arc::new(sealer.clone())),
+        executor.clone(),
         hooks,
     )
     .await
@@ -298,6 +299,7 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
     let leases = api::lease::LeaseKeeper::new(consensus.clone(), args.election_timeout());
     consensus.set_leader_handler(leases.leader_handler());
     let api = Api::new(ApiInner {
+        executor: executor.clone(),
         consensus: consensus.clone(),
         authn: authn.clone(),
         sealer: sealer.clone(),

@@ -71,10 +71,10 @@ async fn metrics_move_with_the_cluster_and_pass_promtool() {
         .unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    for i in 0..3 {
+    for (i, before) in before.iter().enumerate() {
         let (_, after) = c.http_get(i, "/metrics").unwrap();
         let (a0, a1) = (
-            gauge(&before[i], "raftkv_raft_applied_index"),
+            gauge(before, "raftkv_raft_applied_index"),
             gauge(&after, "raftkv_raft_applied_index"),
         );
         assert!(

@@ -254,7 +254,7 @@ fn default_heartbeat() -> i64 {
     100
 }
 fn default_snapshot() -> i64 {
-    10_000
+    100_000
 }
 
 impl Default for RaftSpec {

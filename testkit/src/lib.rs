@@ -508,14 +508,14 @@ impl Cluster {
                     _ => agree = false,
                 }
             }
-            if agree && let Some(id) = seen {
-                if let Some(pos) = self
+            if agree
+                && let Some(id) = seen
+                && let Some(pos) = self
                     .members
                     .iter()
                     .position(|m| m.id == id && m.child.is_some())
-                {
-                    return pos;
-                }
+            {
+                return pos;
             }
             if Instant::now() > deadline {
                 panic!("no agreed leader within {timeout:?}");
@@ -536,6 +536,14 @@ impl Drop for Cluster {
         }
         if std::thread::panicking() {
             for i in 0..self.members.len() {
+                let text = std::fs::read_to_string(&self.members[i].log).unwrap_or_default();
+                for line in text
+                    .lines()
+                    .filter(|l| l.contains("panicked at") || l.contains("ERROR"))
+                    .take(10)
+                {
+                    eprintln!("member {} error: {line}", i + 1);
+                }
                 eprintln!("---- member {} log tail ----\n{}", i + 1, self.log_tail(i));
             }
         }

@@ -74,7 +74,7 @@ impl Kv for KvService {
             .map_err(|e| status::from_storage(&e))?;
         if !self
             .api
-            .grants(&view, &principal)?
+            .grants(&principal)
             .permits(PermType::Read, &r.key, &r.range_end)
         {
             self.api.metrics.permission_denials.inc();
@@ -161,7 +161,7 @@ impl Kv for KvService {
                 .store()
                 .read_view()
                 .map_err(|e| status::from_storage(&e))?;
-            let grants = self.api.grants(&view, &principal)?;
+            let grants = self.api.grants(&principal);
             if !mvcc::authorize_op(&grants, &RequestOp::Txn(t.clone())) {
                 self.api.metrics.permission_denials.inc();
                 return Err(status::denied());

@@ -203,7 +203,7 @@ impl Maintenance for MaintenanceService {
             .map(|(i, c)| {
                 let sent = (i << 20) + c.len();
                 Ok(pb::SnapshotResponse {
-                    header: header.clone(),
+                    header,
                     remaining_bytes: (total - sent) as u64,
                     blob: c.to_vec(),
                     version: ETCD_API_VERSION.into(),

@@ -18,7 +18,7 @@ use crate::consensus::{Consensus, Proposed};
 use crate::crypto::Sealer;
 use crate::metrics::Metrics;
 use crate::model::{ApplyOutput, Command, Principal, Proposal, SealKey};
-use crate::storage::auth_state::{AuthSource, Grants};
+use crate::storage::auth_state::Grants;
 use raftkv_proto::etcdserverpb as pb;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,6 +52,8 @@ pub struct Api {
 }
 
 pub struct ApiInner {
+    /// The state machine's executor: its caches of the replicated auth state and key usage.
+    pub executor: crate::apply::Executor,
     pub consensus: Consensus,
     pub authn: Authenticator,
     pub sealer: Sealer,
@@ -106,13 +108,8 @@ impl Api {
     }
 
     /// What `principal` may do, per this node's current replicated roles.
-    pub fn grants(
-        &self,
-        view: &crate::storage::mvcc::ReadView<'_>,
-        principal: &Principal,
-    ) -> Result<Grants, Status> {
-        view.grants(Some(principal))
-            .map_err(|e| status::from_storage(&e))
+    pub fn grants(&self, principal: &Principal) -> Grants {
+        self.executor.auth().get().grants(Some(principal))
     }
 
     /// Decrypts a stored value for a response.
@@ -131,7 +128,9 @@ impl Api {
         let Some((id, fingerprint)) = self.sealer.active_key() else {
             return Ok(None);
         };
-        let used = crate::apply::key_usage(self.consensus.store(), id)
+        let used = self
+            .executor
+            .sealed_count(self.consensus.store(), id)
             .map_err(|e| status::from_storage(&e))?;
         if used >= self.sealer.usage_limit {
             self.metrics
@@ -202,12 +201,7 @@ impl Api {
 
     /// Requires the administrator role (membership, compaction, maintenance).
     pub fn require_admin(&self, principal: &Principal) -> Result<(), Status> {
-        let view = self
-            .consensus
-            .store()
-            .read_view()
-            .map_err(|e| status::from_storage(&e))?;
-        if self.grants(&view, principal)?.root {
+        if self.grants(principal).root {
             Ok(())
         } else {
             self.metrics.permission_denials.inc();

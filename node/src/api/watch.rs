@@ -142,14 +142,10 @@ impl Session {
         let (start, end) = key_interval(&key, &c.range_end);
         let (current, compacted) = self.api.consensus.store().revisions().unwrap_or((0, 0));
         let header = self.api.header(current);
-        let permitted = match self.api.consensus.store().read_view() {
-            Ok(view) => self
-                .api
-                .grants(&view, &self.principal)
-                .map(|g| g.permits(PermType::Read, &key, &c.range_end))
-                .unwrap_or(false),
-            Err(_) => false,
-        };
+        let permitted =
+            self.api
+                .grants(&self.principal)
+                .permits(PermType::Read, &key, &c.range_end);
         if !permitted {
             self.api.metrics.permission_denials.inc();
             return self
@@ -196,7 +192,7 @@ impl Session {
         }
         if !self
             .send(pb::WatchResponse {
-                header: header.clone(),
+                header,
                 watch_id: id,
                 created: true,
                 ..Default::default()
@@ -295,13 +291,12 @@ impl Session {
                 Err(s) => return self.cancel(id, s.message()).await,
             }
             last_rev = rev;
-            if batch.len() >= REPLAY_BATCH {
-                if !self
+            if batch.len() >= REPLAY_BATCH
+                && !self
                     .send_events(id, last_rev, std::mem::take(&mut batch))
                     .await
-                {
-                    return false;
-                }
+            {
+                return false;
             }
         }
         if !batch.is_empty() && !self.send_events(id, last_rev, batch).await {
@@ -355,8 +350,28 @@ impl Session {
                 continue;
             }
             let mut out = Vec::new();
+            let wants_prev = w.prev_kv;
             for e in n.events.iter().filter(|e| w.matches(e)) {
-                match self.event_out(e, w.prev_kv) {
+                let filled;
+                let e = if wants_prev && !e.prev_known {
+                    // The write did not read the previous version: take it from history.
+                    let prev = self
+                        .api
+                        .consensus
+                        .store()
+                        .read_view()
+                        .and_then(|v| v.history_before(&e.kv.key, e.kv.mod_revision))
+                        .unwrap_or(None);
+                    filled = Event {
+                        prev_kv: prev,
+                        prev_known: true,
+                        ..e.clone()
+                    };
+                    &filled
+                } else {
+                    e
+                };
+                match self.event_out(e, wants_prev) {
                     Ok(ev) => out.push(ev),
                     Err(s) => {
                         if !self.cancel(id, s.message()).await {
@@ -443,18 +458,17 @@ impl Watch for WatchService {
                             use pb::watch_request::RequestUnion as U;
                             match m.request_union {
                                 Some(U::CreateRequest(c)) => session.create(c).await,
-                                Some(U::CancelRequest(c)) => {
-                                    if session.watchers.remove(&c.watch_id).is_some() {
-                                        session.send(pb::WatchResponse {
-                                            header: session.api.header(session.current()),
-                                            watch_id: c.watch_id,
-                                            canceled: true,
-                                            ..Default::default()
-                                        }).await
-                                    } else {
-                                        true
-                                    }
+                                Some(U::CancelRequest(c))
+                                    if session.watchers.remove(&c.watch_id).is_some() =>
+                                {
+                                    session.send(pb::WatchResponse {
+                                        header: session.api.header(session.current()),
+                                        watch_id: c.watch_id,
+                                        canceled: true,
+                                        ..Default::default()
+                                    }).await
                                 }
+                                Some(U::CancelRequest(_)) => true,
                                 Some(U::ProgressRequest(_)) => {
                                     session.send(pb::WatchResponse {
                                         header: session.api.header(session.current()),

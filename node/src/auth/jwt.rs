@@ -11,7 +11,7 @@ use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -128,7 +128,7 @@ pub struct TokenVerifier {
     cache: Mutex<HashMap<String, CachedToken>>,
 }
 
-fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, JwtSetupError> {
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, JwtSetupError> {
     std::fs::read(path).map_err(|source| JwtSetupError::Read {
         what,
         path: path.display().to_string(),
@@ -136,7 +136,7 @@ fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, JwtSetupError> {
     })
 }
 
-fn bad_key(what: &'static str, path: &PathBuf, e: impl std::fmt::Display) -> JwtSetupError {
+fn bad_key(what: &'static str, path: &Path, e: impl std::fmt::Display) -> JwtSetupError {
     JwtSetupError::BadKey {
         what,
         path: path.display().to_string(),
@@ -145,7 +145,7 @@ fn bad_key(what: &'static str, path: &PathBuf, e: impl std::fmt::Display) -> Jwt
 }
 
 /// Reads a shared secret file: trailing newlines from editors and Secret tooling are dropped.
-pub fn read_secret(path: &PathBuf) -> Result<Vec<u8>, JwtSetupError> {
+pub fn read_secret(path: &Path) -> Result<Vec<u8>, JwtSetupError> {
     let raw = read("HS256 secret", path)?;
     let trimmed = raw.trim_ascii().to_vec();
     if trimmed.len() < 32 {
@@ -402,7 +402,9 @@ mod tests {
         let alphabet = b"abcXYZ019-_.=+/{}\":,";
         for i in 0..5_000u32 {
             let s: String = if i % 2 == 0 {
-                (0..(i % 120)).map(|_| alphabet[rand::random_range(0..alphabet.len())] as char).collect()
+                (0..(i % 120))
+                    .map(|_| alphabet[rand::random_range(0..alphabet.len())] as char)
+                    .collect()
             } else {
                 let mut b = good.clone().into_bytes();
                 let at = rand::random_range(0..b.len());

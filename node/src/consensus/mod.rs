@@ -172,6 +172,11 @@ impl Consensus {
             max_payload_entries: 1024,
             install_snapshot_timeout: 300_000,
             enable_pre_vote: Some(true),
+            // A leader commits once a quorum of followers has its entries, before its own log
+            // is fsynced. After a crash its log can therefore be shorter than what it committed;
+            // resuming leadership without an election would overwrite committed entries on the
+            // followers. It must win a fresh election (with Raft's up-to-date check) instead.
+            enable_leader_restore: Some(false),
             ..Default::default()
         }
         .validate()
@@ -272,7 +277,10 @@ impl Consensus {
     pub fn abstain_until_caught_up(&self) {
         use std::sync::atomic::Ordering;
         self.inner.abstaining.store(true, Ordering::SeqCst);
-        tracing::info!(node = self.id(), "joining with empty storage: abstaining from elections until caught up");
+        tracing::info!(
+            node = self.id(),
+            "joining with empty storage: abstaining from elections until caught up"
+        );
         let this = self.clone();
         tokio::spawn(async move {
             loop {
@@ -280,7 +288,11 @@ impl Consensus {
                 let s = this.status();
                 if s.applied > 0 && s.applied >= s.committed && s.leader.is_some() {
                     this.inner.abstaining.store(false, Ordering::SeqCst);
-                    tracing::info!(node = this.id(), applied = s.applied, "caught up: taking part in elections");
+                    tracing::info!(
+                        node = this.id(),
+                        applied = s.applied,
+                        "caught up: taking part in elections"
+                    );
                     return;
                 }
             }
@@ -288,7 +300,9 @@ impl Consensus {
     }
 
     pub(crate) fn is_abstaining(&self) -> bool {
-        self.inner.abstaining.load(std::sync::atomic::Ordering::SeqCst)
+        self.inner
+            .abstaining
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Records that a leader just reached this node.

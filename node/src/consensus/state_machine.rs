@@ -5,14 +5,15 @@
 use super::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig, decode, encode};
 use crate::apply::Executor;
 use crate::model::{ApplyOutput, ApplyResponse};
-use crate::storage::mvcc::{Counters, Event};
+use crate::storage::mvcc::{self, Counters, Event, Staging};
 use crate::storage::snapshot::{self, META_APPLIED, META_MEMBERSHIP};
 use crate::storage::{CF_META, Store};
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use openraft::entry::RaftEntry;
-use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, Snapshot};
+use openraft::storage::{
+    ApplyResponder, EntryResponder, RaftSnapshotBuilder, RaftStateMachine, Snapshot,
+};
 use openraft::{EntryPayload, OptionalSend};
-use rocksdb::{WriteBatch, WriteOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -187,42 +188,62 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
-        let meta = self.store.cf(CF_META)?;
-        let mut wo = WriteOptions::default();
-        // The WAL is shared with the Raft log: the next log fsync makes this durable too, and
-        // until then the entry can be re-applied from the log.
-        wo.set_sync(false);
-        while let Some(item) = entries.next().await {
+        // Entries that are ready together are staged into one write: one RocksDB write and one
+        // set of counters per batch rather than per entry. Responses go out once it is written.
+        let mut batch = Batch::new(self.counters);
+        loop {
+            let next = if batch.is_empty() {
+                entries.next().await
+            } else {
+                match entries.next().now_or_never() {
+                    Some(n) => n,
+                    None => {
+                        self.flush(&mut batch)?;
+                        continue;
+                    }
+                }
+            };
+            let Some(item) = next else { break };
             let (entry, responder) = item?;
             let log_id = entry.log_id();
-            let (mut batch, response, events) = match &entry.payload {
+            let response = match &entry.payload {
                 EntryPayload::Normal(proposal) => {
-                    let staged = self.executor.stage(&self.store, self.counters, proposal)?;
+                    let alone = Executor::needs_own_batch(&proposal.command);
+                    if alone {
+                        self.flush(&mut batch)?;
+                    }
+                    let staged = self.executor.stage(
+                        &self.store,
+                        self.counters,
+                        &mut batch.staging,
+                        proposal,
+                    )?;
                     (self.hooks.outcome)(staged.response.result.is_ok());
                     self.counters = staged.counters;
-                    (staged.batch, staged.response, staged.events)
+                    batch.auth_changed |= staged.auth_changed;
+                    if !staged.events.is_empty() {
+                        batch.events.push((staged.response.revision, staged.events));
+                    }
+                    batch.push(log_id, responder, staged.response);
+                    if alone {
+                        self.flush(&mut batch)?;
+                    }
+                    continue;
                 }
                 EntryPayload::Membership(m) => {
-                    let mut b = WriteBatch::default();
-                    let stored = StoredMembership::new(Some(log_id), m.clone());
-                    b.put_cf(meta, META_MEMBERSHIP, encode(&stored)?);
-                    (b, self.none_response(), Vec::new())
+                    batch.membership = Some(StoredMembership::new(Some(log_id), m.clone()));
+                    self.none_response()
                 }
-                EntryPayload::Blank => (WriteBatch::default(), self.none_response(), Vec::new()),
+                EntryPayload::Blank => self.none_response(),
             };
-            batch.put_cf(meta, META_APPLIED, encode(&Some(log_id))?);
-            self.store
-                .db()
-                .write_opt(batch, &wo)
-                .map_err(io::Error::other)?;
-            if !events.is_empty() {
-                (self.hooks.events)(response.revision, &events);
-            }
-            self.applied.send_replace(log_id.index());
-            if let Some(r) = responder {
-                r.send(response);
+            batch.push(log_id, responder, response);
+            if batch.len() >= MAX_BATCH_ENTRIES
+                || batch.staging.batch.size_in_bytes() >= MAX_BATCH_BYTES
+            {
+                self.flush(&mut batch)?;
             }
         }
+        self.flush(&mut batch)?;
         Ok(())
     }
 
@@ -249,6 +270,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
         .map_err(io::Error::other)??;
         self.counters = Counters::load(&self.store)?;
+        self.executor.reload(&self.store)?;
         let index = meta.last_log_id.map(|l| l.index()).unwrap_or(0);
         self.applied.send_replace(index);
         tracing::info!(
@@ -292,7 +314,89 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
+/// Entries staged for one write.
+struct Batch {
+    staging: Staging,
+    /// Counters as last written.
+    written: Counters,
+    last: Option<LogId>,
+    membership: Option<StoredMembership>,
+    responders: Vec<(Option<ApplyResponder<TypeConfig>>, ApplyResponse)>,
+    events: Vec<(i64, Vec<Event>)>,
+    auth_changed: bool,
+}
+
+const MAX_BATCH_ENTRIES: usize = 1024;
+const MAX_BATCH_BYTES: usize = 8 << 20;
+
+impl Batch {
+    fn new(written: Counters) -> Batch {
+        Batch {
+            staging: Staging::default(),
+            written,
+            last: None,
+            membership: None,
+            responders: Vec::new(),
+            events: Vec::new(),
+            auth_changed: false,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.last.is_none()
+    }
+
+    fn len(&self) -> usize {
+        self.responders.len()
+    }
+
+    fn push(
+        &mut self,
+        log_id: LogId,
+        responder: Option<ApplyResponder<TypeConfig>>,
+        response: ApplyResponse,
+    ) {
+        self.last = Some(log_id);
+        self.responders.push((responder, response));
+    }
+}
+
 impl StateMachine {
+    /// Writes the staged entries with the counters and last-applied marker, then tells waiting
+    /// readers, watchers and proposers.
+    fn flush(&mut self, b: &mut Batch) -> io::Result<()> {
+        let Some(last) = b.last else {
+            return Ok(());
+        };
+        let meta = self.store.cf(CF_META)?;
+        let mut wb = std::mem::take(&mut b.staging.batch);
+        mvcc::stage_counters(&self.store, &mut wb, b.written, self.counters)?;
+        self.executor.stage_usage(&self.store, &mut wb)?;
+        if let Some(m) = b.membership.take() {
+            wb.put_cf(meta, META_MEMBERSHIP, encode(&m)?);
+        }
+        wb.put_cf(meta, META_APPLIED, encode(&Some(last))?);
+        // The WAL is shared with the Raft log: the next log fsync makes this durable too, and
+        // until then these entries can be re-applied from the log.
+        self.store.db().write(wb).map_err(io::Error::other)?;
+        b.written = self.counters;
+        b.staging.overlay.clear();
+        if std::mem::take(&mut b.auth_changed) {
+            self.executor.auth().reload(&self.store)?;
+        }
+        for (rev, events) in b.events.drain(..) {
+            (self.hooks.events)(rev, &events);
+        }
+        self.applied.send_replace(last.index());
+        for (responder, response) in b.responders.drain(..) {
+            if let Some(r) = responder {
+                r.send(response);
+            }
+        }
+        b.last = None;
+        Ok(())
+    }
+
     fn none_response(&self) -> ApplyResponse {
         ApplyResponse {
             revision: self.counters.revision,

@@ -23,7 +23,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
         let store = Store::open(dir.path()).map_err(|e| err(e.to_string()))?;
         let (sm, _) = StateMachine::open(
             store.clone(),
-            Executor::new(Arc::new(Plaintext)),
+            Executor::new(&store, Arc::new(Plaintext)).map_err(|e| err(e.to_string()))?,
             ApplyHooks::default(),
         )
         .map_err(|e| err(e.to_string()))?;

@@ -208,7 +208,10 @@ mod tests {
             }
             let _ = Envelope::parse(&b);
             if let Ok(plain) = s.open(b"k", &b) {
-                assert!(matches!(Envelope::parse(&b), Ok(Envelope::Plain(_))), "forged value opened: {plain:?}");
+                assert!(
+                    matches!(Envelope::parse(&b), Ok(Envelope::Plain(_))),
+                    "forged value opened: {plain:?}"
+                );
             }
         }
     }

@@ -11,7 +11,7 @@ use crate::model::{
 };
 use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub const ROOT: &str = "root";
 const ENABLED: &[u8] = b"auth/enabled";
@@ -110,16 +110,54 @@ pub trait AuthSource {
     /// What a principal may do now. With role checks disabled (etcd's `auth disable`), every
     /// authenticated principal may do everything.
     fn grants(&self, principal: Option<&Principal>) -> Result<Grants> {
-        if !self.enabled()? {
-            return Ok(Grants::all());
+        Ok(AuthSnapshot::load(self)?.grants(principal))
+    }
+}
+
+/// The whole auth state in memory: what permission checks consult on every request.
+#[derive(Debug, Clone, Default)]
+pub struct AuthSnapshot {
+    pub enabled: bool,
+    users: BTreeMap<String, User>,
+    roles: BTreeMap<String, Role>,
+}
+
+impl AuthSnapshot {
+    pub fn load<S: AuthSource + ?Sized>(src: &S) -> Result<AuthSnapshot> {
+        let mut users = BTreeMap::new();
+        for (k, v) in src.auth_prefix(USER_PREFIX)? {
+            let u: User = dec(&v)?;
+            users.insert(
+                String::from_utf8_lossy(&k[USER_PREFIX.len()..]).into_owned(),
+                u,
+            );
+        }
+        let mut roles = BTreeMap::new();
+        for (k, v) in src.auth_prefix(ROLE_PREFIX)? {
+            let r: Role = dec(&v)?;
+            roles.insert(
+                String::from_utf8_lossy(&k[ROLE_PREFIX.len()..]).into_owned(),
+                r,
+            );
+        }
+        Ok(AuthSnapshot {
+            enabled: src.enabled()?,
+            users,
+            roles,
+        })
+    }
+
+    pub fn grants(&self, principal: Option<&Principal>) -> Grants {
+        if !self.enabled {
+            return Grants::all();
         }
         let Some(p) = principal else {
             // Internal proposals (no principal) are made by the node itself.
-            return Ok(Grants::all());
+            return Grants::all();
         };
-        let mut roles: BTreeSet<String> = p.roles.iter().cloned().collect();
-        if let Some(u) = self.user(&p.name)? {
-            roles.extend(u.roles);
+        let mut roles: BTreeSet<&str> = p.roles.iter().map(String::as_str).collect();
+        if let Some(u) = self.users.get(&p.name) {
+            roles.extend(u.roles.iter().map(String::as_str));
         }
         let mut g = Grants::default();
         for r in roles {
@@ -127,8 +165,8 @@ pub trait AuthSource {
                 g.root = true;
                 continue;
             }
-            if let Some(role) = self.role(&r)? {
-                for perm in role.perms {
+            if let Some(role) = self.roles.get(r) {
+                for perm in &role.perms {
                     let iv = key_interval(&perm.key, &perm.range_end);
                     if matches!(perm.perm_type, PermType::Read | PermType::ReadWrite) {
                         g.read.push(iv.clone());
@@ -139,7 +177,35 @@ pub trait AuthSource {
                 }
             }
         }
-        Ok(g)
+        g
+    }
+}
+
+/// The auth state shared by the state machine (which refreshes it when auth changes) and the
+/// API (which checks reads against it).
+#[derive(Default)]
+pub struct AuthCache {
+    current: std::sync::RwLock<std::sync::Arc<AuthSnapshot>>,
+}
+
+impl AuthCache {
+    pub fn load(store: &Store) -> Result<AuthCache> {
+        Ok(AuthCache {
+            current: std::sync::RwLock::new(std::sync::Arc::new(AuthSnapshot::load(store)?)),
+        })
+    }
+
+    pub fn get(&self) -> std::sync::Arc<AuthSnapshot> {
+        self.current.read().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    /// Re-reads the auth state after it changed in the store.
+    pub fn reload(&self, store: &Store) -> Result<()> {
+        let fresh = std::sync::Arc::new(AuthSnapshot::load(store)?);
+        if let Ok(mut g) = self.current.write() {
+            *g = fresh;
+        }
+        Ok(())
     }
 }
 

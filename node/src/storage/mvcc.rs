@@ -78,6 +78,9 @@ pub struct Event {
     /// For a delete: the key with the delete's revision as mod_revision and no value.
     pub kv: KeyValue,
     pub prev_kv: Option<KeyValue>,
+    /// False when the write did not read the previous version (`prev_kv` is then None even if
+    /// there was one; a watcher that wants it reads it from history).
+    pub prev_known: bool,
 }
 
 /// Where reads come from: a consistent snapshot, or the state inside a write transaction.
@@ -292,13 +295,13 @@ impl ReadView<'_> {
             };
             let rec = Record::decode(&raw)?;
             let prev = self.history_before(&user_key, main)?;
-            out.push((main, event_from(user_key.to_vec(), rec, prev)));
+            out.push((main, event_from(user_key.to_vec(), rec, prev, true)));
         }
         Ok(out)
     }
 
     /// The live record of `key` just before revision `rev`, if any.
-    fn history_before(&self, key: &[u8], rev: i64) -> Result<Option<KeyValue>> {
+    pub fn history_before(&self, key: &[u8], rev: i64) -> Result<Option<KeyValue>> {
         let Some(rec) = history_at(self, key, rev - 1)? else {
             return Ok(None);
         };
@@ -348,7 +351,7 @@ impl ReadView<'_> {
     }
 }
 
-fn event_from(key: Vec<u8>, rec: Record, prev: Option<KeyValue>) -> Event {
+fn event_from(key: Vec<u8>, rec: Record, prev: Option<KeyValue>, prev_known: bool) -> Event {
     let deleted = rec.tombstone;
     let mut kv = rec.into_kv(key);
     if deleted {
@@ -361,6 +364,7 @@ fn event_from(key: Vec<u8>, rec: Record, prev: Option<KeyValue>) -> Event {
         deleted,
         kv,
         prev_kv: prev,
+        prev_known,
     }
 }
 
@@ -533,9 +537,11 @@ fn range(
                 // Stored values are ciphertext: order by what they decrypt to.
                 let mut keyed = Vec::with_capacity(kvs.len());
                 for kv in kvs.drain(..) {
+                    // A value this member cannot decrypt sorts by its stored bytes; returning
+                    // it is then refused with DataLoss when the response is decrypted.
                     let plain = opener
                         .open(&kv.key, &kv.value)
-                        .map_err(|e| ReadError::Refused(ApplyError::Encryption(e)))?;
+                        .unwrap_or_else(|_| kv.value.clone());
                     keyed.push((plain, kv));
                 }
                 keyed.sort_by(|a, b| a.0.cmp(&b.0));
@@ -582,11 +588,78 @@ impl Counters {
 }
 
 /// Stages one write transaction (a Put, a DeleteRange or a Txn) into a write batch.
+/// What a put needs to know about a key's current version, without its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyMeta {
+    pub create_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+}
+
+/// Live keys' metadata in memory, so the common put (no `prev_kv`) reads nothing from disk.
+/// Bounded: when full it starts over.
+pub struct MetaCache {
+    map: std::collections::HashMap<Vec<u8>, KeyMeta>,
+    capacity: usize,
+}
+
+impl MetaCache {
+    pub fn new(capacity: usize) -> MetaCache {
+        MetaCache {
+            map: std::collections::HashMap::new(),
+            capacity,
+        }
+    }
+
+    pub fn get(&self, key: &[u8]) -> Option<KeyMeta> {
+        self.map.get(key).copied()
+    }
+
+    /// Records what a committed entry did to keys.
+    pub fn update(&mut self, changes: Vec<(Vec<u8>, Option<KeyMeta>)>) {
+        for (k, m) in changes {
+            match m {
+                Some(m) => {
+                    if self.map.len() >= self.capacity && !self.map.contains_key(&k) {
+                        self.map.clear();
+                    }
+                    self.map.insert(k, m);
+                }
+                None => {
+                    self.map.remove(&k);
+                }
+            }
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+}
+
+/// Keys changed by entries staged earlier in the same batch, newest state per key.
+pub type Overlay = BTreeMap<Vec<u8>, Option<Record>>;
+
+/// Writes of several entries accumulated into one RocksDB write: what a state-machine batch
+/// stages, and what later entries of the batch read through.
+#[derive(Default)]
+pub struct Staging {
+    pub batch: WriteBatch,
+    pub overlay: Overlay,
+}
+
+/// Stages one write transaction (a Put, a DeleteRange or a Txn) into a shared batch. A refusal
+/// is always decided before anything is staged, so a refused entry leaves the batch untouched.
 pub struct WriteTxn<'a> {
     store: &'a Store,
-    pub batch: WriteBatch,
+    meta: Option<&'a MetaCache>,
+    /// Key metadata this transaction changes, for the cache once it commits.
+    pub meta_changes: Vec<(Vec<u8>, Option<KeyMeta>)>,
+    pub batch: &'a mut WriteBatch,
+    /// Earlier entries of the batch.
+    shared: &'a Overlay,
     /// Keys changed so far in this transaction: later operations read through it.
-    overlay: BTreeMap<Vec<u8>, Option<Record>>,
+    overlay: Overlay,
     base: Counters,
     sub: u32,
     pub events: Vec<Event>,
@@ -595,7 +668,7 @@ pub struct WriteTxn<'a> {
 
 impl Source for WriteTxn<'_> {
     fn latest(&self, key: &[u8]) -> Result<Option<Record>> {
-        if let Some(o) = self.overlay.get(key) {
+        if let Some(o) = self.overlay.get(key).or_else(|| self.shared.get(key)) {
             return Ok(o.clone());
         }
         let cf = self.store.cf(CF_KV)?;
@@ -611,10 +684,10 @@ impl Source for WriteTxn<'_> {
         end: Option<&[u8]>,
         f: &mut dyn FnMut(&[u8], Record) -> Result<bool>,
     ) -> Result<()> {
-        if self.overlay.is_empty() {
+        if self.overlay.is_empty() && self.shared.is_empty() {
             return scan_kv_cf(self.store, ReadOptions::default(), start, end, f);
         }
-        // Merge the database with this transaction's own changes.
+        // Merge the database with the batch's and this transaction's own changes.
         let mut merged: BTreeMap<Vec<u8>, Record> = BTreeMap::new();
         scan_kv_cf(
             self.store,
@@ -626,7 +699,7 @@ impl Source for WriteTxn<'_> {
                 Ok(true)
             },
         )?;
-        for (k, v) in &self.overlay {
+        for (k, v) in self.shared.iter().chain(self.overlay.iter()) {
             let inside = k.as_slice() >= start && end.map(|e| k.as_slice() < e).unwrap_or(true);
             if !inside {
                 continue;
@@ -658,16 +731,30 @@ impl Source for WriteTxn<'_> {
 }
 
 impl<'a> WriteTxn<'a> {
-    pub fn new(store: &'a Store, base: Counters, opener: &'a dyn ValueOpener) -> WriteTxn<'a> {
+    pub fn new(
+        store: &'a Store,
+        base: Counters,
+        opener: &'a dyn ValueOpener,
+        staging: &'a mut Staging,
+    ) -> WriteTxn<'a> {
         WriteTxn {
             store,
-            batch: WriteBatch::default(),
+            meta: None,
+            meta_changes: Vec::new(),
+            batch: &mut staging.batch,
+            shared: &staging.overlay,
             overlay: BTreeMap::new(),
             base,
             sub: 0,
             events: Vec::new(),
             opener,
         }
+    }
+
+    /// Lets puts take key metadata from `cache` instead of reading the key.
+    pub fn with_meta_cache(mut self, cache: &'a MetaCache) -> WriteTxn<'a> {
+        self.meta = Some(cache);
+        self
     }
 
     /// The revision this transaction's writes get.
@@ -688,6 +775,20 @@ impl<'a> WriteTxn<'a> {
     }
 
     fn put_record(&mut self, key: &[u8], rec: Record, prev: Option<Record>) -> Result<()> {
+        let prev_lease = prev.as_ref().map(|p| p.lease).unwrap_or(0);
+        self.put_record_with_prev_lease(key, rec, prev, prev_lease, true)
+    }
+
+    /// Stages `rec` as the new version of `key`. `prev` is the version it replaces when known
+    /// (watch events then carry it); `prev_lease` is its lease either way.
+    fn put_record_with_prev_lease(
+        &mut self,
+        key: &[u8],
+        rec: Record,
+        prev: Option<Record>,
+        prev_lease: i64,
+        prev_known: bool,
+    ) -> Result<()> {
         let rev = self.write_revision();
         let kv = self.store.cf(CF_KV)?;
         let hist = self.store.cf(CF_HISTORY)?;
@@ -702,7 +803,7 @@ impl<'a> WriteTxn<'a> {
         self.batch.put_cf(revs, revision_key(rev, self.sub), key);
         self.sub += 1;
         // Lease attachments follow the key.
-        let old_lease = prev.as_ref().map(|p| p.lease).unwrap_or(0);
+        let old_lease = prev_lease;
         let new_lease = if rec.tombstone { 0 } else { rec.lease };
         if old_lease != new_lease {
             let meta = self.store.cf(CF_META)?;
@@ -714,10 +815,19 @@ impl<'a> WriteTxn<'a> {
                     .put_cf(meta, lease_key_entry(new_lease, key), b"");
             }
         }
+        self.meta_changes.push((
+            key.to_vec(),
+            (!rec.tombstone).then_some(KeyMeta {
+                create_revision: rec.create_revision,
+                version: rec.version,
+                lease: rec.lease,
+            }),
+        ));
         self.events.push(event_from(
             key.to_vec(),
             rec.clone(),
             prev.map(|p| p.into_kv(key.to_vec())),
+            prev_known,
         ));
         self.overlay
             .insert(key.to_vec(), if rec.tombstone { None } else { Some(rec) });
@@ -770,8 +880,28 @@ impl<'a> WriteTxn<'a> {
     }
 
     fn apply_put(&mut self, p: &PutRequest) -> Result<PutResult> {
-        let prev = self.latest(&p.key)?;
         let rev = self.write_revision();
+        // The common put needs only the key's metadata: take it from the cache when possible.
+        if !p.prev_kv
+            && !p.ignore_value
+            && !p.ignore_lease
+            && !self.overlay.contains_key(&p.key)
+            && !self.shared.contains_key(&p.key)
+            && let Some(m) = self.meta.and_then(|c| c.get(&p.key))
+        {
+            let rec = Record {
+                tombstone: false,
+                create_revision: m.create_revision,
+                mod_revision: rev,
+                version: m.version + 1,
+                lease: p.lease,
+                value: p.value.clone(),
+            };
+            let prev_lease = m.lease;
+            self.put_record_with_prev_lease(&p.key, rec, None, prev_lease, false)?;
+            return Ok(PutResult { prev_kv: None });
+        }
+        let prev = self.latest(&p.key)?;
         let value = if p.ignore_value {
             prev.as_ref().map(|r| r.value.clone()).unwrap_or_default()
         } else {
@@ -1009,18 +1139,28 @@ impl<'a> WriteTxn<'a> {
         Ok(replaced)
     }
 
-    /// Adds the revision counters to the batch; call last.
-    pub fn finish(mut self) -> Result<(WriteBatch, Counters, Vec<Event>)> {
-        let counters = self.counters();
-        let meta = self.store.cf(CF_META)?;
-        if counters.revision != self.base.revision || self.sub > 0 {
-            self.batch
-                .put_cf(meta, META_REVISION, counters.revision.to_be_bytes());
-        }
-        self.batch
-            .put_cf(meta, META_COMPACTED, counters.compacted.to_be_bytes());
-        Ok((self.batch, counters, self.events))
+    /// Ends the transaction: the counters after it, its events, and its changes for the
+    /// batch's overlay.
+    pub fn finish(self) -> (Counters, Vec<Event>, Overlay) {
+        (self.counters(), self.events, self.overlay)
     }
+}
+
+/// Stages the revision counters, if they changed from `before`.
+pub fn stage_counters(
+    store: &Store,
+    batch: &mut WriteBatch,
+    before: Counters,
+    after: Counters,
+) -> Result<()> {
+    let meta = store.cf(CF_META)?;
+    if after.revision != before.revision {
+        batch.put_cf(meta, META_REVISION, after.revision.to_be_bytes());
+    }
+    if after.compacted != before.compacted {
+        batch.put_cf(meta, META_COMPACTED, after.compacted.to_be_bytes());
+    }
+    Ok(())
 }
 
 impl Record {

@@ -212,16 +212,13 @@ pub fn install(store: &Store, path: &Path) -> Result<SnapshotFacts> {
     let facts = verify(path)?;
     let _gate = store.write_gate();
     let raft = store.cf(CF_RAFT)?;
-    let mut sync = WriteOptions::default();
-    sync.set_sync(true);
-    store.db().put_cf_opt(
-        raft,
-        INSTALL_MARKER,
-        path.to_string_lossy().as_bytes(),
-        &sync,
-    )?;
+    store
+        .db()
+        .put_cf(raft, INSTALL_MARKER, path.to_string_lossy().as_bytes())?;
+    store.sync_wal()?;
     load(store, path)?;
-    store.db().delete_cf_opt(raft, INSTALL_MARKER, &sync)?;
+    store.db().delete_cf(raft, INSTALL_MARKER)?;
+    store.sync_wal()?;
     Ok(facts)
 }
 

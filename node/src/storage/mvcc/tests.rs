@@ -22,9 +22,12 @@ impl Db {
         &mut self,
         f: impl FnOnce(&mut WriteTxn<'_>) -> std::result::Result<T, ReadError>,
     ) -> std::result::Result<T, ReadError> {
-        let mut txn = WriteTxn::new(&self.store, self.counters, &Plaintext);
+        let mut staging = Staging::default();
+        let mut txn = WriteTxn::new(&self.store, self.counters, &Plaintext, &mut staging);
         let out = f(&mut txn)?;
-        let (batch, counters, _) = txn.finish()?;
+        let (counters, _, _) = txn.finish();
+        let mut batch = std::mem::take(&mut staging.batch);
+        stage_counters(&self.store, &mut batch, self.counters, counters).unwrap();
         self.store.db().write(batch).unwrap();
         self.counters = counters;
         Ok(out)
@@ -364,4 +367,47 @@ fn events_replay_in_revision_order_with_prev() {
     assert_eq!(ev[1].1.prev_kv.as_ref().unwrap().value, b"1");
     assert!(ev[2].1.deleted);
     assert_eq!(ev[2].1.kv.mod_revision, 4);
+}
+
+#[test]
+fn entries_staged_in_one_batch_see_each_other() {
+    let mut db = Db::new();
+    db.put("seed", "0");
+    let mut staging = Staging::default();
+    let put = |k: &str, v: &str| PutRequest {
+        key: k.into(),
+        value: v.into(),
+        ..Default::default()
+    };
+    let mut counters = db.counters;
+    for (k, v) in [("a", "1"), ("a", "2"), ("b", "x")] {
+        let mut txn = WriteTxn::new(&db.store, counters, &Plaintext, &mut staging);
+        txn.put(&put(k, v)).unwrap();
+        let (c, _, overlay) = txn.finish();
+        staging.overlay.extend(overlay);
+        counters = c;
+    }
+    // A delete-range in the same batch sees the staged keys.
+    let mut txn = WriteTxn::new(&db.store, counters, &Plaintext, &mut staging);
+    let del = txn
+        .delete(&DeleteRequest {
+            key: b"b".to_vec(),
+            range_end: b"c".to_vec(),
+            prev_kv: true,
+        })
+        .unwrap();
+    assert_eq!(del.deleted, 1);
+    let (c, _, overlay) = txn.finish();
+    staging.overlay.extend(overlay);
+    let mut batch = std::mem::take(&mut staging.batch);
+    stage_counters(&db.store, &mut batch, db.counters, c).unwrap();
+    db.store.db().write(batch).unwrap();
+    db.counters = c;
+    let a = db.range(get("a")).unwrap().kvs.remove(0);
+    assert_eq!(
+        (a.value.as_slice(), a.version, a.mod_revision),
+        (&b"2"[..], 2, 4)
+    );
+    assert!(db.range(get("b")).unwrap().kvs.is_empty());
+    assert_eq!(db.store.read_view().unwrap().revision, 6);
 }
