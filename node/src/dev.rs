@@ -274,10 +274,27 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
             }
         }
     }
+    // SIGTERM and Ctrl-C stop the members whatever phase this is in, so that no member outlives
+    // the command that started it.
+    let outcome = tokio::select! {
+        r = announce_and_watch(&args, &secrets, &mut children) => r,
+        _ = crate::server::wait_for_signal() => Ok(()),
+    };
+    println!("Stopping members...");
+    stop_all(&mut children);
+    outcome
+}
+
+/// Waits for the members, prints how to reach them, runs the sample session and then watches
+/// the members until one exits (an error) or the future is dropped.
+async fn announce_and_watch(
+    args: &DevArgs,
+    secrets: &DevSecrets,
+    children: &mut [Child],
+) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     for i in 1..=args.nodes {
         if !wait_ready(ports(args.base_port, i).metrics, deadline).await {
-            stop_all(&mut children);
             return Err(format!(
                 "member {i} did not become ready; see {}",
                 args.data_dir.join(format!("node-{i}.log")).display()
@@ -346,20 +363,16 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     }
     println!("Serving until Ctrl-C.");
     loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                for (i, c) in children.iter_mut().enumerate() {
-                    if let Ok(Some(status)) = c.try_wait() {
-                        let log = args.data_dir.join(format!("node-{}.log", i + 1));
-                        stop_all(&mut children);
-                        return Err(format!("member {} exited ({status}); see {}", i + 1, log.display()));
-                    }
-                }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for (i, c) in children.iter_mut().enumerate() {
+            if let Ok(Some(status)) = c.try_wait() {
+                let log = args.data_dir.join(format!("node-{}.log", i + 1));
+                return Err(format!(
+                    "member {} exited ({status}); see {}",
+                    i + 1,
+                    log.display()
+                ));
             }
         }
     }
-    println!("Stopping members...");
-    stop_all(&mut children);
-    Ok(())
 }

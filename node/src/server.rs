@@ -428,7 +428,8 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Resolves on SIGTERM or Ctrl-C.
+pub(crate) async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

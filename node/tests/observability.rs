@@ -10,8 +10,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::Code;
 
+/// A file of this checkout. The manifest dir is taken at run time (cargo sets it for tests):
+/// the compile-time one names wherever the shared target dir first built this test.
 fn repo_file(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .join("..")
         .join(rel)
 }

@@ -262,7 +262,12 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             other => StreamingError::Network(NetworkError::from_string(other.to_string())),
         };
         let header = encode(&(vote, snapshot.meta.clone())).map_err(|e| to_stream(io_to_rpc(e)))?;
-        let file = tokio::fs::File::open(&snapshot.snapshot.path)
+        let path = snapshot
+            .snapshot
+            .transfer_file()
+            .await
+            .map_err(|e| to_stream(io_to_rpc(e)))?;
+        let file = tokio::fs::File::open(&path)
             .await
             .map_err(|e| to_stream(io_to_rpc(e)))?;
         let first = SnapshotChunk {

@@ -181,7 +181,7 @@ impl RaftPeer for PeerService {
         tracing::info!(node = self.consensus.id(), last_log_id = ?meta.last_log_id, "received snapshot");
         let snapshot = Snapshot {
             meta,
-            snapshot: SnapshotFile { path: path.clone() },
+            snapshot: SnapshotFile::received(path.clone()),
         };
         let resp = self
             .consensus

@@ -1,6 +1,8 @@
 //! openraft's state machine on our store: applies committed entries through the `apply`
 //! executor, records the last applied log id and membership in the same atomic write, and keeps
-//! snapshot files (built from a point-in-time view, installed by replacing the state machine).
+//! snapshots. A snapshot taken here is a RocksDB checkpoint (hard links: its cost does not grow
+//! with the data); the transfer file a lagging follower needs is made from it only when one does.
+//! A received snapshot is its transfer file, installed by replacing the state machine.
 
 use super::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig, decode, encode};
 use crate::apply::Executor;
@@ -19,10 +21,50 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::watch;
 
-/// A snapshot on disk.
+/// A snapshot on disk: its transfer file, which for our own snapshots is made from their
+/// checkpoint when first needed.
 #[derive(Debug, Clone)]
 pub struct SnapshotFile {
     pub path: PathBuf,
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl SnapshotFile {
+    /// A snapshot that is just a file (one received from the leader).
+    pub fn received(path: PathBuf) -> SnapshotFile {
+        SnapshotFile {
+            path,
+            checkpoint: None,
+        }
+    }
+
+    /// The transfer file, made from the checkpoint if it does not exist yet.
+    pub async fn transfer_file(&self) -> io::Result<PathBuf> {
+        if tokio::fs::try_exists(&self.path).await? {
+            return Ok(self.path.clone());
+        }
+        let Some(ckpt) = self.checkpoint.clone() else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("snapshot file {} is missing", self.path.display()),
+            ));
+        };
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || -> io::Result<PathBuf> {
+            let started = std::time::Instant::now();
+            let facts = snapshot::export_checkpoint(&ckpt, &path)?;
+            tracing::info!(
+                file = %path.display(),
+                bytes = facts.bytes,
+                records = facts.records,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "wrote snapshot transfer file"
+            );
+            Ok(path)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
 }
 
 /// Receives the changes of every applied write, in order, with the revision they produced.
@@ -74,7 +116,18 @@ impl StateMachine {
                 || name.starts_with("build-")
                 || name.starts_with("backup-")
             {
-                let _ = std::fs::remove_file(e.path());
+                remove_path(&e.path());
+            }
+        }
+        // Data of a snapshot whose metadata never got written is incomplete.
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            let path = e.path();
+            let is_data = matches!(
+                path.extension().and_then(|x| x.to_str()),
+                Some("rkvs" | "ckpt")
+            );
+            if is_data && !path.with_extension("meta").exists() {
+                remove_path(&path);
             }
         }
         let counters = Counters::load(&store)?;
@@ -134,19 +187,45 @@ fn snapshot_name(meta: &SnapshotMeta) -> String {
     .replace([' ', ':', '/', '(', ')', '{', '}', ','], "_")
 }
 
-/// The snapshot files in `dir`, newest last.
+fn remove_path(path: &Path) {
+    let _ = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+}
+
+/// The snapshots in `dir` (by their metadata files, written last), newest last.
 fn list_snapshots(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.extension().map(|e| e == "rkvs").unwrap_or(false))
+        .filter(|p| p.extension().map(|e| e == "meta").unwrap_or(false))
         .collect();
     v.sort();
     Ok(v)
 }
 
-/// Makes `data` the current snapshot (renaming it into place with its metadata) and removes
-/// older snapshots.
+/// Records `meta` as the current snapshot (its data already in place) and removes older ones.
+fn commit_snapshot(dir: &Path, meta: &SnapshotMeta) -> io::Result<PathBuf> {
+    let base = dir.join(snapshot_name(meta));
+    let meta_tmp = base.with_extension("meta.tmp");
+    std::fs::write(&meta_tmp, encode(meta)?)?;
+    std::fs::File::open(&meta_tmp)?.sync_all()?;
+    let meta_path = base.with_extension("meta");
+    std::fs::rename(&meta_tmp, &meta_path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    for old in list_snapshots(dir)? {
+        if old != meta_path {
+            remove_path(&old.with_extension("rkvs"));
+            remove_path(&old.with_extension("ckpt"));
+            remove_path(&old);
+        }
+    }
+    Ok(base)
+}
+
+/// Makes the file `data` the current snapshot (moving it into place) and removes older ones.
 fn keep_as_current(dir: &Path, meta: &SnapshotMeta, data: &Path) -> io::Result<PathBuf> {
     let base = dir.join(snapshot_name(meta));
     let path = base.with_extension("rkvs");
@@ -162,17 +241,9 @@ fn keep_as_current(dir: &Path, meta: &SnapshotMeta, data: &Path) -> io::Result<P
             std::fs::rename(&tmp, &path)?;
         }
     }
-    let meta_tmp = base.with_extension("meta.tmp");
-    std::fs::write(&meta_tmp, encode(meta)?)?;
-    std::fs::File::open(&meta_tmp)?.sync_all()?;
-    std::fs::rename(&meta_tmp, base.with_extension("meta"))?;
-    std::fs::File::open(dir)?.sync_all()?;
-    for old in list_snapshots(dir)? {
-        if old != path {
-            let _ = std::fs::remove_file(&old);
-            let _ = std::fs::remove_file(old.with_extension("meta"));
-        }
-    }
+    // The same snapshot may have been ours: its checkpoint is no longer the truth of this file.
+    remove_path(&base.with_extension("ckpt"));
+    commit_snapshot(dir, meta)?;
     Ok(path)
 }
 
@@ -263,8 +334,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let store = self.store.clone();
         let dir = self.dir.clone();
         let meta_c = meta.clone();
+        let file = snapshot.transfer_file().await?;
         let facts = tokio::task::spawn_blocking(move || -> io::Result<_> {
-            let path = keep_as_current(&dir, &meta_c, &snapshot.path)?;
+            let path = keep_as_current(&dir, &meta_c, &file)?;
             Ok(snapshot::install(&store, &path)?)
         })
         .await
@@ -299,17 +371,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         >,
         io::Error,
     > {
-        let Some(path) = list_snapshots(&self.dir)?.pop() else {
+        let Some(meta_path) = list_snapshots(&self.dir)?.pop() else {
             return Ok(None);
         };
-        let meta_bytes = match std::fs::read(path.with_extension("meta")) {
+        let meta_bytes = match std::fs::read(&meta_path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
+        let path = meta_path.with_extension("rkvs");
+        let ckpt = meta_path.with_extension("ckpt");
+        let checkpoint = ckpt.is_dir().then_some(ckpt);
+        if checkpoint.is_none() && !path.exists() {
+            return Ok(None);
+        }
         Ok(Some(Snapshot {
             meta: decode(&meta_bytes)?,
-            snapshot: SnapshotFile { path },
+            snapshot: SnapshotFile { path, checkpoint },
         }))
     }
 }
@@ -429,7 +507,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         tokio::task::spawn_blocking(move || -> io::Result<_> {
             let started = std::time::Instant::now();
             let tmp = dir.join(format!("build-{:016x}", rand::random::<u64>()));
-            let facts = snapshot::build(&store, &tmp)?;
+            let facts = match snapshot::checkpoint(&store, &tmp) {
+                Ok(f) => f,
+                Err(e) => {
+                    remove_path(&tmp);
+                    return Err(e.into());
+                }
+            };
             let last_log_id: Option<LogId> = match &facts.applied {
                 Some(b) => decode(b)?,
                 None => None,
@@ -442,17 +526,24 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 last_log_id,
                 last_membership,
             };
-            let path = keep_as_current(&dir, &meta, &tmp)?;
+            let base = dir.join(snapshot_name(&meta));
+            let ckpt = base.with_extension("ckpt");
+            // A snapshot at the same log id (rebuilt after a restart) is replaced whole.
+            remove_path(&ckpt);
+            remove_path(&base.with_extension("rkvs"));
+            std::fs::rename(&tmp, &ckpt)?;
+            commit_snapshot(&dir, &meta)?;
             tracing::info!(
                 last_log_id = ?meta.last_log_id,
-                bytes = facts.bytes,
-                records = facts.records,
                 elapsed_ms = started.elapsed().as_millis() as u64,
-                "built snapshot"
+                "took snapshot checkpoint"
             );
             Ok(Snapshot {
                 meta,
-                snapshot: SnapshotFile { path },
+                snapshot: SnapshotFile {
+                    path: base.with_extension("rkvs"),
+                    checkpoint: Some(ckpt),
+                },
             })
         })
         .await

@@ -1,12 +1,14 @@
-//! State-machine snapshots as files: built from one point-in-time RocksDB view (so the data and
-//! the last-applied marker inside it agree), verified by checksum, and installed by replacing
-//! the state-machine column families. An interrupted install is redone at the next start.
+//! State-machine snapshots: RocksDB checkpoints (hard links, taken at Raft's snapshot points) and
+//! the transfer files made from them or from a live point-in-time view. Either way the data and
+//! the last-applied marker inside agree. Files are verified by checksum and installed by
+//! replacing the state-machine column families; an interrupted install is redone at the next
+//! start.
 //!
 //! File layout: magic, then records `[cf:u8][key_len:u32][key][value_len:u32][value]`, then an
 //! end marker `0xff` and the CRC-32 of everything before it.
 
 use super::{CF_META, CF_RAFT, Result, STATE_MACHINE_CFS, StorageError, Store};
-use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
+use rocksdb::{DB, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -52,10 +54,94 @@ impl<W: Write> Write for CrcWriter<W> {
 pub fn build(store: &Store, path: &Path) -> Result<SnapshotFacts> {
     // Shared with readers, exclusive with installs: never snapshot a half-installed state.
     let _gate = store.read_gate();
-    store.sync_wal()?;
     let snap = store.db().snapshot();
-    let tmp = path.with_extension("tmp");
-    let file = File::create(&tmp)?;
+    write_file(
+        store.db(),
+        |name| store.cf(name),
+        || {
+            let mut ro = ReadOptions::default();
+            ro.set_snapshot(&snap);
+            ro
+        },
+        path,
+    )
+}
+
+/// Takes a RocksDB checkpoint of the store in `dir` (which must not exist): a consistent,
+/// durable copy made of hard links, so its cost does not grow with the data. Returns the
+/// last-applied marker and membership it holds.
+pub fn checkpoint(store: &Store, dir: &Path) -> Result<SnapshotFacts> {
+    {
+        let _gate = store.read_gate();
+        rocksdb::checkpoint::Checkpoint::new(store.db())?.create_checkpoint(dir)?;
+    }
+    sync_dir(dir)?;
+    let db = open_checkpoint(dir)?;
+    let meta = checkpoint_cf(&db, CF_META)?;
+    Ok(SnapshotFacts {
+        applied: db.get_cf(meta, META_APPLIED)?,
+        membership: db.get_cf(meta, META_MEMBERSHIP)?,
+        bytes: 0,
+        records: 0,
+    })
+}
+
+/// Writes the snapshot file for a checkpoint made by [`checkpoint`].
+pub fn export_checkpoint(dir: &Path, path: &Path) -> Result<SnapshotFacts> {
+    let db = open_checkpoint(dir)?;
+    write_file(
+        &db,
+        |name| checkpoint_cf(&db, name),
+        ReadOptions::default,
+        path,
+    )
+}
+
+fn open_checkpoint(dir: &Path) -> Result<DB> {
+    // Read-only, and only the state machine: the Raft log in the checkpoint is not part of it.
+    Ok(DB::open_cf_for_read_only(
+        &Options::default(),
+        dir,
+        STATE_MACHINE_CFS,
+        false,
+    )?)
+}
+
+fn checkpoint_cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily> {
+    db.cf_handle(name)
+        .ok_or_else(|| StorageError::Other(format!("checkpoint lacks column family {name}")))
+}
+
+/// Writes every state-machine record `db` shows through `ro` to a snapshot file at `path`
+/// (atomically: a partial file never has the final name).
+fn write_file<'a>(
+    db: &'a DB,
+    cf: impl Fn(&str) -> Result<&'a rocksdb::ColumnFamily>,
+    ro: impl Fn() -> ReadOptions,
+    path: &Path,
+) -> Result<SnapshotFacts> {
+    // Unique, so that two writers of the same snapshot do not interleave.
+    let tmp = path.with_extension(format!("{:016x}.tmp", rand::random::<u64>()));
+    let result = write_records(db, cf, ro, &tmp);
+    let facts = match result {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path)?;
+    Ok(facts)
+}
+
+fn write_records<'a>(
+    db: &'a DB,
+    cf: impl Fn(&str) -> Result<&'a rocksdb::ColumnFamily>,
+    ro: impl Fn() -> ReadOptions,
+    tmp: &Path,
+) -> Result<SnapshotFacts> {
+    let file = File::create(tmp)?;
     let mut w = CrcWriter {
         inner: BufWriter::with_capacity(1 << 20, file),
         crc: crc32fast::Hasher::new(),
@@ -64,10 +150,8 @@ pub fn build(store: &Store, path: &Path) -> Result<SnapshotFacts> {
     w.write_all(MAGIC)?;
     let mut facts = SnapshotFacts::default();
     for (i, name) in STATE_MACHINE_CFS.iter().enumerate() {
-        let cf = store.cf(name)?;
-        let mut ro = ReadOptions::default();
-        ro.set_snapshot(&snap);
-        for item in store.db().iterator_cf_opt(cf, ro, IteratorMode::Start) {
+        let handle = cf(name)?;
+        for item in db.iterator_cf_opt(handle, ro(), IteratorMode::Start) {
             let (k, v) = item?;
             if *name == CF_META {
                 if &*k == META_APPLIED {
@@ -94,8 +178,6 @@ pub fn build(store: &Store, path: &Path) -> Result<SnapshotFacts> {
         .map_err(|e| StorageError::Io(e.into_error()))?;
     file.sync_all()?;
     facts.bytes = w.bytes + 4;
-    std::fs::rename(&tmp, path)?;
-    sync_dir(path)?;
     Ok(facts)
 }
 
@@ -302,5 +384,34 @@ mod tests {
             b.db().get_cf(bkv, b"k1").unwrap().as_deref(),
             Some(&b"v1"[..])
         );
+    }
+
+    #[test]
+    fn a_checkpoint_keeps_its_point_in_time_and_exports_an_installable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(&dir.path().join("a")).unwrap();
+        let kv = a.cf(CF_KV).unwrap();
+        let meta = a.cf(CF_META).unwrap();
+        a.db().put_cf(kv, b"k1", b"v1").unwrap();
+        a.db().put_cf(meta, META_APPLIED, b"applied-3").unwrap();
+        let ckpt = dir.path().join("ckpt");
+        let facts = checkpoint(&a, &ckpt).unwrap();
+        assert_eq!(facts.applied.as_deref(), Some(&b"applied-3"[..]));
+        // Later writes are not part of it.
+        a.db().put_cf(kv, b"k2", b"v2").unwrap();
+        a.db().put_cf(meta, META_APPLIED, b"applied-4").unwrap();
+
+        let file = dir.path().join("snap");
+        let exported = export_checkpoint(&ckpt, &file).unwrap();
+        assert_eq!(exported.applied.as_deref(), Some(&b"applied-3"[..]));
+        assert_eq!(exported.records, 2);
+        let b = Store::open(&dir.path().join("b")).unwrap();
+        install(&b, &file).unwrap();
+        let bkv = b.cf(CF_KV).unwrap();
+        assert_eq!(
+            b.db().get_cf(bkv, b"k1").unwrap().as_deref(),
+            Some(&b"v1"[..])
+        );
+        assert!(b.db().get_cf(bkv, b"k2").unwrap().is_none());
     }
 }
