@@ -334,17 +334,67 @@ impl Client {
                     .await
             })
             .await?;
-        Ok(resp
-            .members
-            .into_iter()
-            .map(|m| Member {
-                id: m.id,
-                name: m.name,
-                peer_urls: m.peer_ur_ls,
-                client_urls: m.client_ur_ls,
-                is_learner: m.is_learner,
+        Ok(members_of(resp.members))
+    }
+
+    /// Adds a member as a learner (it receives the log but does not vote) and returns the
+    /// membership after the change. `id` 0 lets the cluster derive one from the peer URL.
+    pub async fn add_learner(&self, id: u64, peer_url: &str) -> Result<Vec<Member>, Error> {
+        let peer_url = peer_url.to_string();
+        let resp = self
+            .lb
+            .call(Route::Write, move |ch, meta| {
+                let peer_ur_ls = vec![peer_url.clone()];
+                async move {
+                    pb::cluster_client::ClusterClient::new(ch)
+                        .member_add(meta.wrap(pb::MemberAddRequest {
+                            peer_ur_ls,
+                            is_learner: true,
+                            member_id: id,
+                        }))
+                        .await
+                }
             })
-            .collect())
+            .await?;
+        Ok(members_of(resp.members))
+    }
+
+    /// Makes a learner a voting member.
+    pub async fn promote(&self, id: u64) -> Result<Vec<Member>, Error> {
+        let resp = self
+            .lb
+            .call(Route::Write, move |ch, meta| async move {
+                pb::cluster_client::ClusterClient::new(ch)
+                    .member_promote(meta.wrap(pb::MemberPromoteRequest { id }))
+                    .await
+            })
+            .await?;
+        Ok(members_of(resp.members))
+    }
+
+    /// Removes a member from the cluster.
+    pub async fn remove_member(&self, id: u64) -> Result<Vec<Member>, Error> {
+        let resp = self
+            .lb
+            .call(Route::Write, move |ch, meta| async move {
+                pb::cluster_client::ClusterClient::new(ch)
+                    .member_remove(meta.wrap(pb::MemberRemoveRequest { id }))
+                    .await
+            })
+            .await?;
+        Ok(members_of(resp.members))
+    }
+
+    /// Hands leadership to the voting member `to` and waits until it leads.
+    pub async fn move_leader(&self, to: u64) -> Result<(), Error> {
+        self.lb
+            .call(Route::Write, move |ch, meta| async move {
+                pb::maintenance_client::MaintenanceClient::new(ch)
+                    .move_leader(meta.wrap(pb::MoveLeaderRequest { target_id: to }))
+                    .await
+            })
+            .await?;
+        Ok(())
     }
 
     /// The status of every endpoint this client knows (unreachable ones as errors).
@@ -361,4 +411,17 @@ impl Client {
     pub fn endpoints(&self) -> Vec<String> {
         self.lb.endpoint_urls()
     }
+}
+
+fn members_of(members: Vec<pb::Member>) -> Vec<Member> {
+    members
+        .into_iter()
+        .map(|m| Member {
+            id: m.id,
+            name: m.name,
+            peer_urls: m.peer_ur_ls,
+            client_urls: m.client_ur_ls,
+            is_learner: m.is_learner,
+        })
+        .collect()
 }
