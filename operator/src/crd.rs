@@ -1,7 +1,12 @@
 //! The `KVCluster` custom resource (`raftkv.io/v1alpha1`): what a user asks for, and what the
 //! operator reports back in its status.
 
-use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint};
+// Several `printcolumn(...)` entries share keys by design; clippy reads them as duplicates.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::api::core::v1::{
+    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -25,9 +30,17 @@ use std::collections::BTreeMap;
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Leader", type_ = "string", json_path = ".status.leader"),
-    printcolumn(name = "Version", type_ = "string", json_path = ".status.currentVersion"),
+    printcolumn(
+        name = "Version",
+        type_ = "string",
+        json_path = ".status.currentVersion"
+    ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
     doc = "A raftkv cluster"
 )]
 #[serde(rename_all = "camelCase")]
@@ -89,7 +102,9 @@ fn default_image() -> String {
 }
 
 /// What happens to a member's volume when the cluster is deleted or scaled down.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 pub enum RetentionPolicy {
     /// Keep the volume (and its data).
     #[default]
@@ -130,7 +145,9 @@ impl Default for StorageSpec {
     }
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 pub enum JwtAlgorithm {
     #[default]
     HS256,
@@ -271,12 +288,13 @@ impl Default for RaftSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MemberStatus {
-    pub id: u64,
+    /// Raft member id (pod ordinal + 1). Signed because Kubernetes schemas know no uint64.
+    pub id: i64,
     pub pod: String,
     /// `leader`, `follower` or `learner`.
     pub role: String,
     pub healthy: bool,
-    pub applied_index: u64,
+    pub applied_index: i64,
     /// The volume this member's data lives on; a new volume means the data was lost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_uid: Option<String>,
@@ -313,8 +331,14 @@ pub struct KVClusterStatus {
     pub bootstrapped: bool,
 }
 
-/// The CRD as YAML (what `raftkv-operator crd` prints and `crds/` holds).
+/// The CRD as YAML (what `raftkv-operator crd` prints and `crds/` holds). Helm keeps it on
+/// uninstall: deleting a CRD deletes every KVCluster, and with them the data.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     use kube::CustomResourceExt;
-    serde_yaml::to_string(&KVCluster::crd())
+    let mut crd = KVCluster::crd();
+    crd.metadata.annotations = Some(BTreeMap::from([(
+        "helm.sh/resource-policy".to_string(),
+        "keep".to_string(),
+    )]));
+    serde_yaml::to_string(&crd)
 }

@@ -27,9 +27,18 @@ pub fn config_map(kvc: &KVCluster, initial_replicas: i32, bootstrapped: bool) ->
             if bootstrapped { "existing" } else { "new" }.to_string(),
         ),
         ("RAFTKV_CLUSTER_TOKEN".to_string(), n.cluster_token()),
-        ("RAFTKV_ELECTION_TIMEOUT_MS".to_string(), kvc.spec.raft.election_timeout_ms.to_string()),
-        ("RAFTKV_HEARTBEAT_INTERVAL_MS".to_string(), kvc.spec.raft.heartbeat_interval_ms.to_string()),
-        ("RAFTKV_SNAPSHOT_THRESHOLD".to_string(), kvc.spec.raft.snapshot_threshold.to_string()),
+        (
+            "RAFTKV_ELECTION_TIMEOUT_MS".to_string(),
+            kvc.spec.raft.election_timeout_ms.to_string(),
+        ),
+        (
+            "RAFTKV_HEARTBEAT_INTERVAL_MS".to_string(),
+            kvc.spec.raft.heartbeat_interval_ms.to_string(),
+        ),
+        (
+            "RAFTKV_SNAPSHOT_THRESHOLD".to_string(),
+            kvc.spec.raft.snapshot_threshold.to_string(),
+        ),
         ("RAFTKV_LOG_FORMAT".to_string(), "json".to_string()),
     ]);
     if let Some(i) = &kvc.spec.auth.issuer {

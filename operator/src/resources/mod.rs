@@ -4,8 +4,8 @@
 pub mod config;
 pub mod pdb;
 pub mod secrets;
-pub mod services;
 pub mod servicemonitor;
+pub mod services;
 pub mod statefulset;
 
 use crate::crd::KVCluster;
@@ -61,13 +61,26 @@ impl Names {
     }
     /// The stable DNS name of a member pod (through the headless peer service).
     pub fn pod_host(&self, ordinal: i32) -> String {
-        format!("{}.{}.{}.svc", self.pod(ordinal), self.peer_service(), self.namespace)
+        format!(
+            "{}.{}.{}.svc",
+            self.pod(ordinal),
+            self.peer_service(),
+            self.namespace
+        )
     }
     pub fn peer_url(&self, ordinal: i32, tls: bool) -> String {
-        format!("{}://{}:{PEER_PORT}", if tls { "https" } else { "http" }, self.pod_host(ordinal))
+        format!(
+            "{}://{}:{PEER_PORT}",
+            if tls { "https" } else { "http" },
+            self.pod_host(ordinal)
+        )
     }
     pub fn client_url(&self, ordinal: i32, tls: bool) -> String {
-        format!("{}://{}:{CLIENT_PORT}", if tls { "https" } else { "http" }, self.pod_host(ordinal))
+        format!(
+            "{}://{}:{CLIENT_PORT}",
+            if tls { "https" } else { "http" },
+            self.pod_host(ordinal)
+        )
     }
     /// The cluster token members share: same namespace and name, same cluster (so a re-created
     /// cluster finds its retained volumes), anything else refused.
@@ -87,7 +100,10 @@ pub fn selector_labels(kvc: &KVCluster) -> BTreeMap<String, String> {
 /// Labels on everything the operator creates for a cluster.
 pub fn labels(kvc: &KVCluster) -> BTreeMap<String, String> {
     let mut l = selector_labels(kvc);
-    l.insert("app.kubernetes.io/managed-by".into(), "raftkv-operator".into());
+    l.insert(
+        "app.kubernetes.io/managed-by".into(),
+        "raftkv-operator".into(),
+    );
     l.insert("app.kubernetes.io/part-of".into(), "raftkv".into());
     l
 }

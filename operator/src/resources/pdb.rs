@@ -41,6 +41,12 @@ mod tests {
         }
         let p = pdb(&cluster(5)).spec.unwrap();
         assert_eq!(p.max_unavailable, Some(IntOrString::Int(2)));
-        assert!(p.selector.unwrap().match_labels.unwrap().contains_key("app.kubernetes.io/instance"));
+        assert!(
+            p.selector
+                .unwrap()
+                .match_labels
+                .unwrap()
+                .contains_key("app.kubernetes.io/instance")
+        );
     }
 }

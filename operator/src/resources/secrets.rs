@@ -83,7 +83,11 @@ mod tests {
         let b = jwt(&kvc);
         let sa = &a.string_data.as_ref().unwrap()[JWT_KEY];
         assert_eq!(sa.len(), 48);
-        assert_ne!(sa, &b.string_data.unwrap()[JWT_KEY], "fresh randomness each time");
+        assert_ne!(
+            sa,
+            &b.string_data.unwrap()[JWT_KEY],
+            "fresh randomness each time"
+        );
         assert_eq!(a.metadata.name.as_deref(), Some("kv-jwt"));
         assert!(a.metadata.owner_references.is_some());
         let ring: serde_json::Value =

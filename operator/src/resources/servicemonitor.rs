@@ -39,7 +39,10 @@ mod tests {
     #[test]
     fn scrapes_the_metrics_port_with_the_users_labels() {
         let mut kvc = cluster(3);
-        kvc.spec.monitoring.labels.insert("release".into(), "prom".into());
+        kvc.spec
+            .monitoring
+            .labels
+            .insert("release".into(), "prom".into());
         let sm = service_monitor(&kvc);
         assert_eq!(sm.metadata.labels.as_ref().unwrap()["release"], "prom");
         assert_eq!(sm.data["spec"]["endpoints"][0]["port"], "metrics");

@@ -37,7 +37,10 @@ pub fn client(kvc: &KVCluster) -> Service {
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
             selector: Some(selector_labels(kvc)),
-            ports: Some(vec![port("client", CLIENT_PORT), port("metrics", METRICS_PORT)]),
+            ports: Some(vec![
+                port("client", CLIENT_PORT),
+                port("metrics", METRICS_PORT),
+            ]),
             ..Default::default()
         }),
         ..Default::default()
@@ -59,7 +62,10 @@ mod tests {
         assert_eq!(spec.publish_not_ready_addresses, Some(true));
         let c = client(&kvc).spec.unwrap();
         assert_eq!(c.cluster_ip, None);
-        assert_eq!(c.ports.unwrap().iter().map(|p| p.port).collect::<Vec<_>>(), vec![2379, 9379]);
+        assert_eq!(
+            c.ports.unwrap().iter().map(|p| p.port).collect::<Vec<_>>(),
+            vec![2379, 9379]
+        );
         assert_eq!(c.selector, spec.selector);
     }
 }

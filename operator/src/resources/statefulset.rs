@@ -3,10 +3,13 @@
 //! probed on `/healthz` and `/readyz`, and locked down to the restricted pod security profile.
 
 use super::secrets::{JWT_KEY, KEYRING_KEY, PUBLIC_KEY, ROOT_PASSWORD_KEY};
-use super::{CLIENT_PORT, METRICS_PORT, Names, PEER_PORT, RUN_AS, labels, owned_meta, selector_labels};
+use super::{
+    CLIENT_PORT, METRICS_PORT, Names, PEER_PORT, RUN_AS, labels, owned_meta, selector_labels,
+};
 use crate::crd::{JwtAlgorithm, KVCluster, RetentionPolicy};
 use k8s_openapi::api::apps::v1::{
-    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+    StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::*;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -92,17 +95,19 @@ pub fn container_security() -> SecurityContext {
 fn default_affinity(kvc: &KVCluster) -> Affinity {
     Affinity {
         pod_anti_affinity: Some(PodAntiAffinity {
-            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
-                weight: 100,
-                pod_affinity_term: PodAffinityTerm {
-                    label_selector: Some(LabelSelector {
-                        match_labels: Some(selector_labels(kvc)),
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: PodAffinityTerm {
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(selector_labels(kvc)),
+                            ..Default::default()
+                        }),
+                        topology_key: "kubernetes.io/hostname".into(),
                         ..Default::default()
-                    }),
-                    topology_key: "kubernetes.io/hostname".into(),
-                    ..Default::default()
+                    },
                 },
-            }]),
+            ]),
             ..Default::default()
         }),
         ..Default::default()
@@ -169,7 +174,10 @@ pub fn statefulset(kvc: &KVCluster, replicas: i32) -> StatefulSet {
     ];
     match kvc.spec.auth.algorithm {
         JwtAlgorithm::HS256 => {
-            args.extend(["--jwt-secret-file".into(), format!("/etc/raftkv/jwt/{JWT_KEY}")]);
+            args.extend([
+                "--jwt-secret-file".into(),
+                format!("/etc/raftkv/jwt/{JWT_KEY}"),
+            ]);
         }
         JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
             let flag = if kvc.spec.auth.algorithm == JwtAlgorithm::RS256 {
@@ -267,7 +275,10 @@ pub fn statefulset(kvc: &KVCluster, replicas: i32) -> StatefulSet {
     let template = PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(pod_labels),
-            annotations: Some(BTreeMap::from([(VERSION_ANNOTATION.to_string(), kvc.spec.version.clone())])),
+            annotations: Some(BTreeMap::from([(
+                VERSION_ANNOTATION.to_string(),
+                kvc.spec.version.clone(),
+            )])),
             ..Default::default()
         }),
         spec: Some(PodSpec {
@@ -287,7 +298,12 @@ pub fn statefulset(kvc: &KVCluster, replicas: i32) -> StatefulSet {
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
             termination_grace_period_seconds: Some(30),
-            affinity: Some(kvc.spec.affinity.clone().unwrap_or_else(|| default_affinity(kvc))),
+            affinity: Some(
+                kvc.spec
+                    .affinity
+                    .clone()
+                    .unwrap_or_else(|| default_affinity(kvc)),
+            ),
             tolerations: kvc.spec.tolerations.clone(),
             node_selector: kvc.spec.node_selector.clone(),
             topology_spread_constraints: kvc.spec.topology_spread_constraints.clone(),
@@ -305,7 +321,10 @@ pub fn statefulset(kvc: &KVCluster, replicas: i32) -> StatefulSet {
             access_modes: Some(vec!["ReadWriteOnce".into()]),
             storage_class_name: storage.storage_class_name.clone(),
             resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([("storage".to_string(), Quantity(storage.size.clone()))])),
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    Quantity(storage.size.clone()),
+                )])),
                 ..Default::default()
             }),
             ..Default::default()
@@ -327,10 +346,12 @@ pub fn statefulset(kvc: &KVCluster, replicas: i32) -> StatefulSet {
                 type_: Some("OnDelete".into()),
                 ..Default::default()
             }),
-            persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
-                when_deleted: Some(retention(storage.when_deleted)),
-                when_scaled: Some(retention(storage.when_scaled)),
-            }),
+            persistent_volume_claim_retention_policy: Some(
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some(retention(storage.when_deleted)),
+                    when_scaled: Some(retention(storage.when_scaled)),
+                },
+            ),
             template,
             volume_claim_templates: Some(vec![claim]),
             ..Default::default()
@@ -352,37 +373,70 @@ mod tests {
         assert_eq!(spec.replicas, Some(3));
         assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
         assert_eq!(spec.service_name.as_deref(), Some("kv-peer"));
-        assert_eq!(spec.update_strategy.unwrap().type_.as_deref(), Some("OnDelete"));
+        assert_eq!(
+            spec.update_strategy.unwrap().type_.as_deref(),
+            Some("OnDelete")
+        );
         let pod = spec.template.spec.unwrap();
         let c = &pod.containers[0];
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.run_as_non_root, Some(true));
         assert_eq!(sc.read_only_root_filesystem, Some(true));
         assert_eq!(sc.allow_privilege_escalation, Some(false));
-        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(), &vec!["ALL".to_string()]);
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(),
+            &vec!["ALL".to_string()]
+        );
         assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
         let psc = pod.security_context.unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
         assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
         assert_eq!(pod.automount_service_account_token, Some(false));
-        let ready = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        let ready = c
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
         assert_eq!(ready.path.as_deref(), Some("/readyz"));
-        let live = c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        let live = c
+            .liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
         assert_eq!(live.path.as_deref(), Some("/healthz"));
         assert_eq!(c.image.as_deref(), Some("raftkv:0.1.0"));
         let args = c.args.as_ref().unwrap().join(" ");
-        assert!(args.contains("--advertise-peer http://$(POD_NAME).kv-peer.$(POD_NAMESPACE).svc:2380"), "{args}");
+        assert!(
+            args.contains("--advertise-peer http://$(POD_NAME).kv-peer.$(POD_NAMESPACE).svc:2380"),
+            "{args}"
+        );
         assert!(args.contains("--jwt-secret-file /etc/raftkv/jwt/secret"));
         assert!(args.contains("--encryption-keyring-file /etc/raftkv/keyring/keyring.json"));
         // Members prefer distinct nodes by default.
         let anti = pod.affinity.unwrap().pod_anti_affinity.unwrap();
         assert_eq!(
-            anti.preferred_during_scheduling_ignored_during_execution.unwrap()[0].pod_affinity_term.topology_key,
+            anti.preferred_during_scheduling_ignored_during_execution
+                .unwrap()[0]
+                .pod_affinity_term
+                .topology_key,
             "kubernetes.io/hostname"
         );
         let claim = &spec.volume_claim_templates.unwrap()[0];
         assert_eq!(
-            claim.spec.as_ref().unwrap().resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"],
+            claim
+                .spec
+                .as_ref()
+                .unwrap()
+                .resources
+                .as_ref()
+                .unwrap()
+                .requests
+                .as_ref()
+                .unwrap()["storage"],
             Quantity("1Gi".into())
         );
         let retention = spec.persistent_volume_claim_retention_policy.unwrap();
