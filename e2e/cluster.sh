@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The end-to-end tests' Kubernetes control plane on loopback:
-#   e2e/cluster.sh build        build kube-apiserver, kube-controller-manager, helm and the
+#   e2e/cluster.sh build        build kube-apiserver, kube-controller-manager, kubectl, helm and the
 #                               process kubelet from pinned Go modules (cached, warm = seconds)
 #   e2e/cluster.sh up DIR       start etcd, kube-apiserver (RBAC, service-account tokens,
 #                               default admission), kube-controller-manager and the process
@@ -26,7 +26,7 @@ build() {
   # The version the API server reports (helm checks charts' kubeVersion against it).
   local v=k8s.io/component-base/version
   local ld="-X $v.gitVersion=v1.36.3 -X $v.gitMajor=1 -X $v.gitMinor=36 -X $v.gitTreeState=clean"
-  (cd "$here/tools" && go build -ldflags "$ld" -o "$bin/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager)
+  (cd "$here/tools" && go build -ldflags "$ld" -o "$bin/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl)
   (cd "$here/tools/helm" && go build -o "$bin/" helm.sh/helm/v3/cmd/helm)
   (cd "$here" && go build -o "$bin/e2e-kubelet" ./kubelet)
 }
@@ -94,7 +94,7 @@ up() {
   local d
   d=$(mkdir -p "$1" && cd "$1" && pwd)
   mkdir -p "$d/logs" "$d/pids"
-  for b in kube-apiserver kube-controller-manager e2e-kubelet helm; do
+  for b in kube-apiserver kube-controller-manager kubectl e2e-kubelet helm; do
     [ -x "$bin/$b" ] || { log "missing $bin/$b: run e2e/cluster.sh build"; exit 1; }
   done
   certs "$d"
@@ -115,7 +115,7 @@ up() {
     --service-account-key-file "$d/pki/sa.pub" --service-account-signing-key-file "$d/pki/sa.key" \
     --allow-privileged=false --profiling=false
   local t=0
-  until kubectl --kubeconfig "$d/kubeconfig" get --raw /readyz >/dev/null 2>&1; do
+  until "$bin/kubectl" --kubeconfig "$d/kubeconfig" get --raw /readyz >/dev/null 2>&1; do
     t=$((t + 1))
     if [ $t -gt 120 ]; then log "kube-apiserver did not become ready; see $d/logs/kube-apiserver.log"; tail -20 "$d/logs/kube-apiserver.log" >&2; exit 1; fi
     sleep 0.5
@@ -133,8 +133,8 @@ up() {
     --bin "raftkv=${RAFTKV_BIN:?set RAFTKV_BIN to the raftkv binary}" \
     --bin "raftkv-operator=${RAFTKV_OPERATOR_BIN:?set RAFTKV_OPERATOR_BIN to the operator binary}"
   t=0
-  until kubectl --kubeconfig "$d/kubeconfig" get serviceaccount default -n default >/dev/null 2>&1 \
-     && kubectl --kubeconfig "$d/kubeconfig" get node e2e-node >/dev/null 2>&1; do
+  until "$bin/kubectl" --kubeconfig "$d/kubeconfig" get serviceaccount default -n default >/dev/null 2>&1 \
+     && "$bin/kubectl" --kubeconfig "$d/kubeconfig" get node e2e-node >/dev/null 2>&1; do
     t=$((t + 1))
     if [ $t -gt 120 ]; then log "control plane not ready; see $d/logs"; exit 1; fi
     sleep 0.5

@@ -16,7 +16,8 @@ mkdir -p "$RAFTKV_CACHE" "$RAFTKV_BIN_CACHE"
 #   protobuf-compiler     protoc, for the .proto files
 #   etcd-server/-client   real etcd and etcdctl for compatibility tests and benchmarks
 #   prometheus            promtool and a real Prometheus server for the observability tests
-RAFTKV_APT_PACKAGES="libclang-dev clang protobuf-compiler etcd-server etcd-client prometheus"
+#   openssl, util-linux   certificates and mount namespaces for the e2e Kubernetes control plane
+RAFTKV_APT_PACKAGES="libclang-dev clang protobuf-compiler etcd-server etcd-client prometheus openssl util-linux"
 
 need_packages() {
     local missing=""

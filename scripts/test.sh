@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 install_packages
 started=$(date +%s)
+echo "==> building the Kubernetes control plane for the e2e tests (Go modules, cached)"
+bash e2e/cluster.sh build
 echo "==> building"
 cargo build --workspace --all-targets
 echo "==> build took $(( $(date +%s) - started ))s"

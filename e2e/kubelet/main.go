@@ -70,6 +70,7 @@ func main() {
 		apiHost:  *apiHost,
 		apiPort:  *apiPort,
 		pods:     map[string]*podRun{},
+		ips:      map[string]string{},
 		nextIP:   1,
 		hostsDoc: *stateDir + "/hosts",
 	}

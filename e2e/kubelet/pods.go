@@ -29,6 +29,7 @@ type kubelet struct {
 	apiHost  string
 	apiPort  string
 	pods     map[string]*podRun // by pod UID
+	ips      map[string]string  // by namespace/name
 	nextIP   int
 	hostsDoc string
 	hosts    string
@@ -151,8 +152,16 @@ func (k *kubelet) syncPods(ctx context.Context) {
 			continue
 		}
 		if r == nil {
-			r = &podRun{pod: p, ip: fmt.Sprintf("127.0.%d.%d", 10+k.nextIP/250, 1+k.nextIP%250)}
-			k.nextIP++
+			// A re-created pod keeps its name's address (a sticky-IP CNI): clients outside the
+			// pods' /etc/hosts, like the tests, can keep using it across restarts.
+			name := p.Namespace + "/" + p.Name
+			ip, ok := k.ips[name]
+			if !ok {
+				ip = fmt.Sprintf("127.0.%d.%d", 10+k.nextIP/250, 1+k.nextIP%250)
+				k.nextIP++
+				k.ips[name] = ip
+			}
+			r = &podRun{pod: p, ip: ip}
 			k.pods[uid] = r
 		}
 		r.pod = p
@@ -471,4 +480,3 @@ func (k *kubelet) writeHosts(ctx context.Context) {
 		k.hosts = doc
 	}
 }
-

@@ -705,7 +705,10 @@ impl<'a> Reconciler<'a> {
         };
         self.ctx.metrics.steps.with_label_values(&[reason]).inc();
         tracing::info!(cluster = %key(kvc), %note, "step");
-        publish(self.ctx, kvc, EventType::Normal, reason, "Reconcile", note).await;
+        // The action names the member, so each step is its own Event rather than a count on
+        // the previous one with the same reason.
+        let action = step_action(step, &self.names);
+        publish(self.ctx, kvc, EventType::Normal, reason, &action, note).await;
         Ok(())
     }
 
@@ -828,6 +831,19 @@ pub fn raft_view(
         leader,
         commit: r.commit,
     })
+}
+
+fn step_action(step: &Step, names: &Names) -> String {
+    let pod = |id: u64| names.pod(ordinal_of(id));
+    match step {
+        Step::SetPods(n) => format!("SetPods {n}"),
+        Step::AddLearner(k) => format!("AddLearner {}", names.pod(*k)),
+        Step::Promote(id) => format!("Promote {}", pod(*id)),
+        Step::RemoveMember(id, why) => format!("RemoveMember {} {why:?}", pod(*id)),
+        Step::MoveLeader { from, to } => format!("MoveLeader {} {}", pod(*from), pod(*to)),
+        Step::RestartPod(k) => format!("Restart {}", names.pod(*k)),
+        other => step_reason(other).to_string(),
+    }
 }
 
 fn step_reason(step: &Step) -> &'static str {

@@ -1,0 +1,664 @@
+//! The operator on a real Kubernetes control plane (kube-apiserver, kube-controller-manager,
+//! real helm, the process kubelet): install, create, scale under load, lose pods and volumes,
+//! upgrade, reject bad specs, delete. The scenarios share one control plane and run in order;
+//! each prints its time.
+
+use base64::Engine;
+use raftkv_client::{Client, ConnectOptions, GetOptions};
+use raftkv_e2e::{ControlPlane, wait_for, workspace_bin};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const NS: &str = "apps";
+const OPERATOR_NS: &str = "raftkv-system";
+
+struct Env {
+    cp: ControlPlane,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Env {
+    fn kvc(&self) -> Value {
+        self.cp.json(&["get", "kvc", "kv", "-n", NS])
+    }
+
+    fn condition(&self, kvc: &Value, type_: &str) -> Option<String> {
+        kvc["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == type_)
+            .and_then(|c| c["status"].as_str().map(str::to_string))
+    }
+
+    /// Waits until the cluster reports Running with `n` healthy members and a leader.
+    fn wait_running(&self, n: usize, timeout: Duration) -> Value {
+        wait_for(&format!("{n} healthy members, Running"), timeout, || {
+            let kvc = self.kvc();
+            let st = &kvc["status"];
+            let members = st["members"].as_array().cloned().unwrap_or_default();
+            let healthy = members.iter().filter(|m| m["healthy"] == true).count();
+            let voters = members.iter().filter(|m| m["role"] != "learner").count();
+            if st["phase"] == "Running"
+                && healthy == n
+                && voters == n
+                && st["leader"].is_string()
+                && st["readyReplicas"] == n as i64
+                && self.condition(&kvc, "Available").as_deref() == Some("True")
+            {
+                Ok(kvc)
+            } else {
+                Err(format!("status: {st}"))
+            }
+        })
+    }
+
+    fn pod_ips(&self) -> Vec<(String, String)> {
+        let pods = self.cp.json(&[
+            "get",
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            "app.kubernetes.io/instance=kv",
+        ]);
+        pods["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                Some((
+                    p["metadata"]["name"].as_str()?.to_string(),
+                    p["status"]["podIP"].as_str()?.to_string(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Client URLs of the member pods.
+    fn endpoints(&self) -> Vec<String> {
+        self.pod_ips()
+            .into_iter()
+            .map(|(_, ip)| format!("http://{ip}:2379"))
+            .collect()
+    }
+
+    /// A merge patch of the cluster's spec.
+    fn patch_spec(&self, spec: &str) -> Result<String, String> {
+        let body = format!("{{\"spec\":{spec}}}");
+        self.cp.kubectl(&[
+            "patch", "kvc", "kv", "-n", NS, "--type", "merge", "-p", &body,
+        ])
+    }
+
+    fn secret(&self, name: &str, key: &str) -> Vec<u8> {
+        let s = self.cp.json(&["get", "secret", name, "-n", NS]);
+        let b64 = s["data"][key]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} has no {key}"));
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .expect("secret base64")
+    }
+
+    /// A root token signed by `kvctl token create` with the cluster's generated secret.
+    fn token(&self) -> String {
+        let path = self.cp.dir.path().join("jwt-secret");
+        std::fs::write(&path, self.secret("kv-jwt", "secret")).unwrap();
+        let out = Command::new(workspace_bin("kvctl"))
+            .args([
+                "token",
+                "create",
+                "--subject",
+                "e2e",
+                "--role",
+                "root",
+                "--ttl",
+                "1h",
+            ])
+            .arg("--secret-file")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    fn client(&self, endpoints: Vec<String>) -> Client {
+        let token = self.token();
+        self.rt
+            .block_on(Client::connect(
+                endpoints,
+                ConnectOptions::default()
+                    .with_token(token)
+                    .with_timeout(Duration::from_secs(5))
+                    .without_discovery(),
+            ))
+            .expect("connect")
+    }
+
+    fn events(&self) -> Vec<(String, String)> {
+        let ev = self.cp.json(&[
+            "get",
+            "events.events.k8s.io",
+            "-n",
+            NS,
+            "--sort-by=.metadata.creationTimestamp",
+        ]);
+        ev["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["regarding"]["kind"] == "KVCluster")
+            .map(|e| {
+                (
+                    e["reason"].as_str().unwrap_or_default().to_string(),
+                    e["note"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Writes `w/<n>` as fast as it can until stopped; remembers what was acknowledged.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<String>>>,
+    failures: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(env: &Env, client: Client, prefix: &str) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let (s, a, f, prefix) = (
+            stop.clone(),
+            acked.clone(),
+            failures.clone(),
+            prefix.to_string(),
+        );
+        let task = env.rt.spawn(async move {
+            let mut n = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                let key = format!("{prefix}/{n:08}");
+                match client.set(&key, format!("v{n}")).await {
+                    Ok(_) => a.lock().unwrap().push(key),
+                    Err(e) => {
+                        f.lock().unwrap().push(format!("{key}: {e}"));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        Writer {
+            stop,
+            acked,
+            failures,
+            task,
+        }
+    }
+
+    /// Stops and checks that every acknowledged write is readable.
+    fn finish(self, env: &Env, client: &Client, prefix: &str) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        env.rt.block_on(self.task).unwrap();
+        let acked = self.acked.lock().unwrap().clone();
+        let stored: BTreeSet<String> = env
+            .rt
+            .block_on(client.get_prefix(format!("{prefix}/")))
+            .expect("read back")
+            .into_iter()
+            .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+            .collect();
+        let lost: Vec<&String> = acked.iter().filter(|k| !stored.contains(*k)).collect();
+        assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+        assert!(!acked.is_empty(), "the writer got nothing acknowledged");
+        (acked.len(), self.failures.lock().unwrap().clone())
+    }
+}
+
+fn cluster_manifest(replicas: i32, version: &str) -> String {
+    format!(
+        "apiVersion: raftkv.io/v1alpha1\nkind: KVCluster\nmetadata:\n  name: kv\n  namespace: {NS}\n\
+         spec:\n  replicas: {replicas}\n  version: \"{version}\"\n  storage:\n    size: 64Mi\n    whenScaled: Delete\n    whenDeleted: Retain\n"
+    )
+}
+
+fn helm_install_runs_the_operator_under_its_own_rbac(env: &Env) {
+    let chart = raftkv_e2e::repo().join("charts/raftkv-operator");
+    let chart = chart.to_str().unwrap();
+    let lint = env
+        .cp
+        .helm(&["lint", chart])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(lint.contains("0 chart(s) failed"), "{lint}");
+    env.cp
+        .helm(&[
+            "install",
+            "raftkv-operator",
+            chart,
+            "-n",
+            OPERATOR_NS,
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "120s",
+        ])
+        .unwrap_or_else(|e| panic!("helm install: {e}"));
+    env.cp.k(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "crd/kvclusters.raftkv.io",
+        "--timeout",
+        "30s",
+    ]);
+    let pods = env.cp.json(&["get", "pods", "-n", OPERATOR_NS]);
+    let pod = &pods["items"][0];
+    assert_eq!(pod["status"]["phase"], "Running");
+    assert_eq!(pod["spec"]["serviceAccountName"], "raftkv-operator");
+    // It acts as its ServiceAccount: exactly what the chart's RBAC grants.
+    let sa = format!("system:serviceaccount:{OPERATOR_NS}:raftkv-operator");
+    for (verb, what, allowed) in [
+        ("patch", "statefulsets.apps", true),
+        ("delete", "pods", true),
+        ("create", "secrets", true),
+        ("update", "secrets", false),
+        ("delete", "secrets", false),
+        ("delete", "kvclusters.raftkv.io", false),
+        ("create", "clusterroles.rbac.authorization.k8s.io", false),
+    ] {
+        let out = env
+            .cp
+            .kubectl(&["auth", "can-i", verb, what, "-n", NS, "--as", &sa]);
+        let yes = matches!(out.as_deref().map(str::trim), Ok("yes"));
+        assert_eq!(yes, allowed, "{sa} can {verb} {what}: {out:?}");
+    }
+    let lease = env
+        .cp
+        .json(&["get", "lease", "raftkv-operator", "-n", OPERATOR_NS]);
+    assert_eq!(lease["spec"]["holderIdentity"], pod["metadata"]["name"]);
+}
+
+fn a_kvcluster_becomes_an_available_cluster_clients_can_use(env: &Env) {
+    env.cp.k(&["create", "namespace", NS]);
+    env.cp
+        .apply(&cluster_manifest(3, "0.1.0"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let kvc = env.wait_running(3, Duration::from_secs(120));
+    assert_eq!(kvc["status"]["currentVersion"], "0.1.0");
+    for (kind, name) in [
+        ("secret", "kv-jwt"),
+        ("secret", "kv-keyring"),
+        ("secret", "kv-root"),
+        ("service", "kv"),
+        ("service", "kv-peer"),
+        ("configmap", "kv-config"),
+        ("statefulset", "kv"),
+        ("poddisruptionbudget", "kv"),
+    ] {
+        let obj = env.cp.json(&["get", kind, name, "-n", NS]);
+        assert_eq!(
+            obj["metadata"]["ownerReferences"][0]["kind"], "KVCluster",
+            "{kind}/{name}"
+        );
+    }
+    let pdb = env.cp.json(&["get", "pdb", "kv", "-n", NS]);
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    // kvctl, with a token signed by the generated secret, writes and reads.
+    let eps: Vec<String> = env.endpoints();
+    let token = env.token();
+    let kvctl = |args: &[&str]| {
+        let out = Command::new(workspace_bin("kvctl"))
+            .args(["--endpoints", &eps.join(","), "--token", &token])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kvctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    kvctl(&["put", "hello", "kubernetes"]);
+    assert!(kvctl(&["get", "hello"]).contains("kubernetes"));
+    let members = kvctl(&["members", "-o", "json"]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&members)
+            .unwrap()
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
+}
+
+fn scaling_3_to_5_to_3_under_writes_loses_nothing(env: &Env) {
+    // kv-0..2 live through the whole scenario; the writer talks to them.
+    let stable: Vec<String> = env.endpoints();
+    let client = env.client(stable);
+    let writer = Writer::start(env, client.clone(), "scale");
+    let unavailable = Arc::new(AtomicBool::new(false));
+    for target in [5, 3] {
+        env.patch_spec(&format!("{{\"replicas\":{target}}}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let kvc = env.kvc();
+            if env.condition(&kvc, "Available").as_deref() == Some("False") {
+                unavailable.store(true, Ordering::Relaxed);
+            }
+            let st = &kvc["status"];
+            let members = st["members"].as_array().cloned().unwrap_or_default();
+            if st["phase"] == "Running"
+                && members.len() == target
+                && members
+                    .iter()
+                    .all(|m| m["healthy"] == true && m["role"] != "learner")
+                && st["readyReplicas"] == target as i64
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "scaling to {target} did not finish: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let sts = env.cp.json(&["get", "statefulset", "kv", "-n", NS]);
+        assert_eq!(sts["spec"]["replicas"], target as i64);
+    }
+    assert!(
+        !unavailable.load(Ordering::Relaxed),
+        "the cluster lost its quorum while scaling"
+    );
+    let (acked, failures) = writer.finish(env, &client, "scale");
+    println!(
+        "    {acked} writes acknowledged while scaling, {} failed calls",
+        failures.len()
+    );
+    // whenScaled: Delete — the removed members' claims go with them.
+    wait_for(
+        "claims of removed members deleted",
+        Duration::from_secs(60),
+        || {
+            let pvcs = env.cp.json(&["get", "pvc", "-n", NS]);
+            let names: Vec<String> = pvcs["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+                .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_string))
+                .collect();
+            if names.iter().any(|n| n == "data-kv-3" || n == "data-kv-4") {
+                Err(format!("{names:?}"))
+            } else {
+                Ok(())
+            }
+        },
+    );
+    let reasons: Vec<String> = env.events().into_iter().map(|(r, _)| r).collect();
+    for r in ["MemberAdded", "MemberPromoted", "MemberRemoved"] {
+        assert!(
+            reasons.contains(&r.to_string()),
+            "no {r} event: {reasons:?}"
+        );
+    }
+}
+
+fn a_deleted_pod_comes_back_with_its_data(env: &Env) {
+    let client = env.client(env.endpoints());
+    env.rt
+        .block_on(client.set("survives/restart", "yes"))
+        .unwrap();
+    let before = env.cp.json(&["get", "pvc", "data-kv-1", "-n", NS])["metadata"]["uid"].clone();
+    env.cp
+        .k(&["delete", "pod", "kv-1", "-n", NS, "--wait=true"]);
+    env.wait_running(3, Duration::from_secs(120));
+    let after = env.cp.json(&["get", "pvc", "data-kv-1", "-n", NS])["metadata"]["uid"].clone();
+    assert_eq!(before, after, "kv-1 must keep its volume");
+    // Read from kv-1 alone, without a quorum round: its own data.
+    let ip = env
+        .pod_ips()
+        .into_iter()
+        .find(|(n, _)| n == "kv-1")
+        .unwrap()
+        .1;
+    let one = env.client(vec![format!("http://{ip}:2379")]);
+    let got = wait_for(
+        "kv-1 serves the write made before its restart",
+        Duration::from_secs(30),
+        || {
+            let r = env
+                .rt
+                .block_on(one.get_with(
+                    "survives/restart",
+                    GetOptions {
+                        serializable: true,
+                        ..Default::default()
+                    },
+                ))
+                .map_err(|e| e.to_string())?;
+            r.kvs
+                .first()
+                .map(|kv| kv.value.clone())
+                .ok_or("not there yet".to_string())
+        },
+    );
+    assert_eq!(got, b"yes");
+}
+
+fn a_member_that_lost_its_volume_is_replaced(env: &Env) {
+    let old = env.cp.json(&["get", "pvc", "data-kv-2", "-n", NS])["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    env.cp
+        .k(&["delete", "pvc", "data-kv-2", "-n", NS, "--wait=false"]);
+    env.cp
+        .k(&["delete", "pod", "kv-2", "-n", NS, "--wait=true"]);
+    let kvc = wait_for("member 3 on a new volume", Duration::from_secs(180), || {
+        let kvc = env.kvc();
+        let m3 = kvc["status"]["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["id"] == 3)
+            .cloned();
+        match m3 {
+            Some(m)
+                if m["volumeUid"].as_str().is_some_and(|u| u != old)
+                    && m["healthy"] == true
+                    && m["role"] != "learner" =>
+            {
+                Ok(kvc)
+            }
+            other => Err(format!("member 3: {other:?}; status {}", kvc["status"])),
+        }
+    });
+    assert_eq!(kvc["status"]["members"].as_array().map(Vec::len), Some(3));
+    let events = env.events();
+    assert!(
+        events
+            .iter()
+            .any(|(r, n)| r == "MemberRemoved" && n.contains("Replace")),
+        "no replacement event: {events:?}"
+    );
+    env.wait_running(3, Duration::from_secs(60));
+}
+
+fn a_version_change_rolls_one_pod_at_a_time_leader_last(env: &Env) {
+    let client = env.client(env.endpoints());
+    let writer = Writer::start(env, client.clone(), "upgrade");
+    let leader_before = env.kvc()["status"]["leader"].as_str().unwrap().to_string();
+    env.patch_spec("{\"version\":\"0.1.1\"}")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut max_unready = 0;
+    wait_for("every member at 0.1.1", Duration::from_secs(240), || {
+        let kvc = env.kvc();
+        let st = &kvc["status"];
+        max_unready = max_unready.max(3 - st["readyReplicas"].as_i64().unwrap_or(0));
+        if st["currentVersion"] == "0.1.1" && st["phase"] == "Running" {
+            Ok(())
+        } else {
+            Err(format!("{st}"))
+        }
+    });
+    assert!(max_unready <= 1, "{max_unready} members were down at once");
+    let (acked, failures) = writer.finish(env, &client, "upgrade");
+    println!(
+        "    {acked} writes acknowledged during the upgrade, {} failed calls",
+        failures.len()
+    );
+    let events = env.events();
+    let restarts: Vec<&String> = events
+        .iter()
+        .filter(|(r, _)| r == "MemberRestarted")
+        .map(|(_, n)| n)
+        .collect();
+    assert_eq!(restarts.len(), 3, "{events:?}");
+    assert!(
+        restarts[2].contains(&leader_before),
+        "the leader ({leader_before}) must restart last: {restarts:?}"
+    );
+    let moved = events.iter().position(|(r, _)| r == "LeaderMoved");
+    let last_restart = events.iter().rposition(|(r, _)| r == "MemberRestarted");
+    assert!(
+        moved.is_some() && moved < last_restart,
+        "leadership moves before the leader restarts: {events:?}"
+    );
+}
+
+fn invalid_specs_are_rejected_without_touching_the_cluster(env: &Env) {
+    let even = env.patch_spec("{\"replicas\":4}");
+    let err = even.expect_err("even replicas accepted");
+    assert!(err.contains("replicas must be odd"), "{err}");
+    let bad_size = env.cp.apply(
+        &cluster_manifest(3, "0.1.1")
+            .replace("kv\n  namespace", "bad\n  namespace")
+            .replace("64Mi", "lots"),
+    );
+    let err = bad_size.expect_err("bad storage size accepted");
+    assert!(err.contains("size must be a quantity"), "{err}");
+    let ten = env.patch_spec("{\"replicas\":11}");
+    assert!(ten.is_err(), "11 replicas accepted");
+    let kvc = env.wait_running(3, Duration::from_secs(30));
+    assert_eq!(kvc["spec"]["replicas"], 3);
+}
+
+fn deleting_the_kvcluster_collects_its_objects_and_keeps_volumes(env: &Env) {
+    env.cp.k(&["delete", "kvc", "kv", "-n", NS, "--wait=true"]);
+    wait_for(
+        "owned objects garbage-collected",
+        Duration::from_secs(120),
+        || {
+            let left: Vec<String> = [
+                "statefulset",
+                "service",
+                "configmap",
+                "secret",
+                "pdb",
+                "pod",
+            ]
+            .iter()
+            .flat_map(|kind| {
+                let list =
+                    env.cp
+                        .json(&["get", kind, "-n", NS, "-l", "app.kubernetes.io/instance=kv"]);
+                list["items"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |o| {
+                        format!("{kind}/{}", o["metadata"]["name"].as_str().unwrap_or("?"))
+                    })
+            })
+            .collect();
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("still there: {left:?}"))
+            }
+        },
+    );
+    // whenDeleted: Retain — the data stays for a re-created cluster.
+    let pvcs = env.cp.json(&["get", "pvc", "-n", NS]);
+    assert_eq!(pvcs["items"].as_array().map(Vec::len), Some(3), "{pvcs}");
+}
+
+/// A scenario: its name (the behaviour it proves) and its body.
+type Scenario = (&'static str, fn(&Env));
+
+#[test]
+fn operator_end_to_end() {
+    let started = Instant::now();
+    let env = Env {
+        cp: ControlPlane::up(),
+        rt: tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap(),
+    };
+    println!(
+        "control plane up in {:.1}s (logs under {})",
+        started.elapsed().as_secs_f64(),
+        env.cp.logs_dir().display()
+    );
+    let scenarios: [Scenario; 8] = [
+        (
+            "helm_install_runs_the_operator_under_its_own_rbac",
+            helm_install_runs_the_operator_under_its_own_rbac,
+        ),
+        (
+            "a_kvcluster_becomes_an_available_cluster_clients_can_use",
+            a_kvcluster_becomes_an_available_cluster_clients_can_use,
+        ),
+        (
+            "scaling_3_to_5_to_3_under_writes_loses_nothing",
+            scaling_3_to_5_to_3_under_writes_loses_nothing,
+        ),
+        (
+            "a_deleted_pod_comes_back_with_its_data",
+            a_deleted_pod_comes_back_with_its_data,
+        ),
+        (
+            "a_member_that_lost_its_volume_is_replaced",
+            a_member_that_lost_its_volume_is_replaced,
+        ),
+        (
+            "a_version_change_rolls_one_pod_at_a_time_leader_last",
+            a_version_change_rolls_one_pod_at_a_time_leader_last,
+        ),
+        (
+            "invalid_specs_are_rejected_without_touching_the_cluster",
+            invalid_specs_are_rejected_without_touching_the_cluster,
+        ),
+        (
+            "deleting_the_kvcluster_collects_its_objects_and_keeps_volumes",
+            deleting_the_kvcluster_collects_its_objects_and_keeps_volumes,
+        ),
+    ];
+    for (name, run) in scenarios {
+        let t = Instant::now();
+        println!("e2e scenario {name} ...");
+        run(&env);
+        println!(
+            "e2e scenario {name}: ok in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    println!("e2e total {:.1}s", started.elapsed().as_secs_f64());
+}
