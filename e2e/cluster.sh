@@ -12,7 +12,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cache="${RAFTKV_CACHE:-$HOME/.cache/raftkv}"
 bin="$cache/bin"
-export GOPATH="$cache/go" GOCACHE="$cache/go-build" GOFLAGS=-mod=mod
+export GOPATH="$cache/go" GOMODCACHE="$cache/go/pkg/mod" GOCACHE="$cache/go-build" GOFLAGS=-mod=mod
 base="${E2E_PORT_BASE:-16443}"
 api_port=$base
 etcd_port=$((base + 1))
