@@ -17,6 +17,7 @@
 
 mod balancer;
 mod error;
+pub mod token;
 pub mod txn;
 
 pub use balancer::{ConnectOptions, TlsOptions};

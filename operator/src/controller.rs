@@ -349,7 +349,8 @@ impl<'a> Reconciler<'a> {
             _ => pods_wanted.unwrap_or(kvc.spec.replicas),
         };
         self.apply_statefulset(current.as_ref(), replicas).await?;
-        self.take(&step, &mut status).await?;
+        self.take(&step, report.as_ref().map(|(c, _)| c), &mut status)
+            .await?;
 
         // The status describes the cluster as observed this round, plus the step taken.
         fill_status(
@@ -606,7 +607,12 @@ impl<'a> Reconciler<'a> {
         }
     }
 
-    async fn take(&self, step: &Step, status: &mut KVClusterStatus) -> Result<()> {
+    async fn take(
+        &self,
+        step: &Step,
+        cluster: Option<&Cluster>,
+        status: &mut KVClusterStatus,
+    ) -> Result<()> {
         let kvc = self.kvc;
         let peer_tls = kvc
             .spec
@@ -618,16 +624,14 @@ impl<'a> Reconciler<'a> {
             Step::SetPods(n) => ("Scaling", format!("set the StatefulSet to {n} pods")),
             Step::AddLearner(k) => {
                 let url = self.names.peer_url(*k, peer_tls);
-                self.with_cluster(|c| async move { c.add_learner(id_of(*k), &url).await })
-                    .await?;
+                members(cluster)?.add_learner(id_of(*k), &url).await?;
                 (
                     "MemberAdded",
                     format!("added {} as learner {}", self.names.pod(*k), id_of(*k)),
                 )
             }
             Step::Promote(id) => {
-                self.with_cluster(|c| async move { c.promote(*id).await })
-                    .await?;
+                members(cluster)?.promote(*id).await?;
                 (
                     "MemberPromoted",
                     format!(
@@ -637,8 +641,7 @@ impl<'a> Reconciler<'a> {
                 )
             }
             Step::RemoveMember(id, why) => {
-                self.with_cluster(|c| async move { c.remove(*id).await })
-                    .await?;
+                members(cluster)?.remove(*id).await?;
                 (
                     "MemberRemoved",
                     format!(
@@ -648,8 +651,7 @@ impl<'a> Reconciler<'a> {
                 )
             }
             Step::MoveLeader { from, to } => {
-                self.with_cluster(|c| async move { c.move_leader(*to).await })
-                    .await?;
+                members(cluster)?.move_leader(*to).await?;
                 (
                     "LeaderMoved",
                     format!("moved leadership from member {from} to member {to}"),
@@ -711,22 +713,16 @@ impl<'a> Reconciler<'a> {
         publish(self.ctx, kvc, EventType::Normal, reason, &action, note).await;
         Ok(())
     }
+}
 
-    /// Runs a membership call on a fresh connection (the report's may have gone stale while
-    /// the plan was made).
-    async fn with_cluster<F, Fut>(&self, f: F) -> Result<()>
-    where
-        F: FnOnce(Cluster) -> Fut,
-        Fut: std::future::Future<Output = Result<()>>,
-    {
-        let pods = self.pods().await?;
-        match self.connect(&pods).await? {
-            Some(c) => f(c).await,
-            None => Err(Error::Raft(raftkv_client::Error::Unavailable(
-                "no member pod has an address".into(),
-            ))),
-        }
-    }
+/// The connection the members reported through, for the membership call the plan chose (the
+/// planner only chooses one when members reported).
+fn members(cluster: Option<&Cluster>) -> Result<&Cluster> {
+    cluster.ok_or_else(|| {
+        Error::Raft(raftkv_client::Error::Unavailable(
+            "no member answered this round".into(),
+        ))
+    })
 }
 
 fn secret_field(s: &Secret, key: &str) -> Option<Vec<u8>> {
@@ -896,9 +892,7 @@ pub fn fill_status(
                     "follower"
                 }
                 .into(),
-                healthy: m
-                    .applied
-                    .is_some_and(|a| a.saturating_add(plan::CATCH_UP_LAG) >= r.commit),
+                healthy: r.caught_up(m),
                 applied_index: m
                     .applied
                     .map_or(0, |a| i64::try_from(a).unwrap_or(i64::MAX)),
@@ -920,17 +914,7 @@ pub fn fill_status(
     });
     status.current_version = all_current.then(|| kvc.spec.version.clone());
 
-    let available = o.raft.as_ref().is_some_and(|r| {
-        let voters: Vec<_> = r.members.iter().filter(|m| !m.learner).collect();
-        let healthy = voters
-            .iter()
-            .filter(|m| {
-                m.applied
-                    .is_some_and(|a| a.saturating_add(plan::CATCH_UP_LAG) >= r.commit)
-            })
-            .count();
-        healthy > voters.len() / 2
-    });
+    let available = o.raft.as_ref().is_some_and(RaftView::has_healthy_quorum);
     set_condition(
         status,
         "Available",

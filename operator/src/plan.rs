@@ -63,7 +63,8 @@ impl RaftView {
         self.members.iter().filter(|m| !m.learner)
     }
 
-    fn caught_up(&self, m: &MemberView) -> bool {
+    /// Within [`CATCH_UP_LAG`] of the leader's commit: what "healthy" means everywhere.
+    pub fn caught_up(&self, m: &MemberView) -> bool {
         m.applied
             .is_some_and(|a| a.saturating_add(CATCH_UP_LAG) >= self.commit)
     }
@@ -72,6 +73,12 @@ impl RaftView {
         self.voters()
             .filter(|m| m.id != id && self.caught_up(m))
             .count()
+    }
+
+    /// A majority of the voters is caught up: the cluster can commit.
+    pub fn has_healthy_quorum(&self) -> bool {
+        let voters = self.voters().count();
+        self.voters().filter(|m| self.caught_up(m)).count() > voters / 2
     }
 
     fn all_voters_healthy(&self) -> bool {

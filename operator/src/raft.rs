@@ -4,10 +4,10 @@
 
 use crate::crd::JwtAlgorithm;
 use crate::{Error, Result};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use raftkv_client::token::{self, TokenClaims};
 use raftkv_client::{Client, ConnectOptions, Member, TlsOptions};
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// How long the operator's tokens live: one reconcile's worth, so a leaked one is soon useless.
 const TOKEN_TTL: Duration = Duration::from_secs(300);
@@ -24,37 +24,20 @@ pub struct SigningKey {
 
 /// Signs a token for the `root` role (membership changes need it).
 pub fn root_token(key: &SigningKey) -> Result<String> {
-    let (alg, enc) = match key.algorithm {
-        JwtAlgorithm::HS256 => (
-            Algorithm::HS256,
-            EncodingKey::from_secret(key.material.trim_ascii()),
-        ),
-        JwtAlgorithm::RS256 => (
-            Algorithm::RS256,
-            EncodingKey::from_rsa_pem(&key.material).map_err(|e| Error::Token(e.to_string()))?,
-        ),
-        JwtAlgorithm::ES256 => (
-            Algorithm::ES256,
-            EncodingKey::from_ec_pem(&key.material).map_err(|e| Error::Token(e.to_string()))?,
-        ),
+    let signer = match key.algorithm {
+        JwtAlgorithm::HS256 => Ok(token::SigningKey::hs256(&key.material)),
+        JwtAlgorithm::RS256 => token::SigningKey::rs256(&key.material),
+        JwtAlgorithm::ES256 => token::SigningKey::es256(&key.material),
+    }
+    .map_err(|e| Error::Token(e.to_string()))?;
+    let claims = TokenClaims {
+        subject: "raftkv-operator",
+        roles: &["root".to_string()],
+        ttl: TOKEN_TTL,
+        issuer: key.issuer.as_deref(),
+        audience: key.audience.as_deref(),
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut claims = serde_json::json!({
-        "sub": "raftkv-operator",
-        "roles": ["root"],
-        "iat": now,
-        "exp": now + TOKEN_TTL.as_secs(),
-    });
-    if let Some(i) = &key.issuer {
-        claims["iss"] = i.clone().into();
-    }
-    if let Some(a) = &key.audience {
-        claims["aud"] = a.clone().into();
-    }
-    jsonwebtoken::encode(&Header::new(alg), &claims, &enc).map_err(|e| Error::Token(e.to_string()))
+    token::sign(&signer, &claims).map_err(|e| Error::Token(e.to_string()))
 }
 
 /// What the members said.
@@ -157,7 +140,7 @@ mod tests {
             audience: None,
         };
         let t = root_token(&key).unwrap();
-        let mut v = jsonwebtoken::Validation::new(Algorithm::HS256);
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
         v.set_issuer(&["me"]);
         let data = jsonwebtoken::decode::<serde_json::Value>(
             &t,

@@ -1,9 +1,9 @@
 //! `kvctl token create`: signs a JWT for a subject and roles with the cluster's HS256 secret or a
 //! private key, so people and applications get tokens without a password round trip.
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use raftkv_client::token::{SigningKey, TokenClaims, sign};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 #[derive(clap::Subcommand)]
 pub enum TokenCmd {
@@ -44,46 +44,25 @@ pub fn run(cmd: &TokenCmd) -> Result<(), String> {
     if subject.is_empty() {
         return Err("--subject must not be empty".into());
     }
-    let (alg, key) = match (secret_file, private_key) {
+    let key = match (secret_file, private_key) {
         (Some(f), None) => {
             let raw = std::fs::read(f).map_err(|e| format!("reading {}: {e}", f.display()))?;
-            (Algorithm::HS256, EncodingKey::from_secret(raw.trim_ascii()))
+            SigningKey::hs256(&raw)
         }
         (None, Some(f)) => {
             let pem = std::fs::read(f).map_err(|e| format!("reading {}: {e}", f.display()))?;
-            match EncodingKey::from_rsa_pem(&pem) {
-                Ok(k) => (Algorithm::RS256, k),
-                Err(_) => (
-                    Algorithm::ES256,
-                    EncodingKey::from_ec_pem(&pem).map_err(|e| {
-                        format!(
-                            "{} is neither an RSA nor an EC private key: {e}",
-                            f.display()
-                        )
-                    })?,
-                ),
-            }
+            SigningKey::private_pem(&pem).map_err(|e| format!("{}: {e}", f.display()))?
         }
         _ => return Err("give --secret-file (HS256) or --private-key (RS256/ES256)".into()),
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut claims = serde_json::json!({
-        "sub": subject,
-        "roles": roles,
-        "iat": now,
-        "exp": now + ttl.as_secs().max(1),
-    });
-    if let Some(i) = issuer {
-        claims["iss"] = i.clone().into();
-    }
-    if let Some(a) = audience {
-        claims["aud"] = a.clone().into();
-    }
-    let token = jsonwebtoken::encode(&Header::new(alg), &claims, &key)
-        .map_err(|e| format!("signing: {e}"))?;
+    let claims = TokenClaims {
+        subject,
+        roles,
+        ttl: *ttl,
+        issuer: issuer.as_deref(),
+        audience: audience.as_deref(),
+    };
+    let token = sign(&key, &claims).map_err(|e| e.to_string())?;
     println!("{token}");
     Ok(())
 }
