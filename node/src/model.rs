@@ -8,14 +8,20 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+// Byte fields are (de)serialized with `serde_bytes`: postcard writes the same length-prefixed
+// bytes either way, so stored logs and snapshots are unaffected, but as a sequence every byte
+// went through the serializer one at a time.
+
 /// A key-value pair at some revision, in etcd's sense. `value` is the stored form: ciphertext when
 /// encryption at rest is on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct KeyValue {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     pub create_revision: i64,
     pub mod_revision: i64,
     pub version: i64,
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     pub lease: i64,
 }
@@ -41,7 +47,9 @@ pub enum SortTarget {
 /// etcd's RangeRequest, minus the consistency flag (which the API layer handles before reading).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct RangeRequest {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
     pub limit: i64,
     pub revision: i64,
@@ -66,7 +74,9 @@ pub struct RangeResult {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct PutRequest {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     pub lease: i64,
     pub prev_kv: bool,
@@ -81,7 +91,9 @@ pub struct PutResult {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct DeleteRequest {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
     pub prev_kv: bool,
 }
@@ -107,7 +119,7 @@ pub enum CompareTarget {
     Create(i64),
     Mod(i64),
     /// Compared against the plaintext value; the state machine decrypts stored values for this.
-    Value(Vec<u8>),
+    Value(#[serde(with = "serde_bytes")] Vec<u8>),
     Lease(i64),
 }
 
@@ -115,7 +127,9 @@ pub enum CompareTarget {
 pub struct Compare {
     pub result: CompareResult,
     pub target: CompareTarget,
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
 }
 
@@ -169,7 +183,9 @@ pub enum PermType {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Permission {
     pub perm_type: PermType,
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
 }
 
@@ -210,7 +226,9 @@ pub enum AuthCommand {
     },
     RoleRevokePermission {
         name: String,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         range_end: Vec<u8>,
     },
 }
@@ -219,11 +237,14 @@ pub enum AuthCommand {
 /// revision (no new revision is created: re-encryption is invisible to readers and watchers).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reencrypted {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     pub mod_revision: i64,
     /// The ciphertext that was read; the replacement only happens if it is still stored, so a
     /// concurrent change is never overwritten.
+    #[serde(with = "serde_bytes")]
     pub old_value: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub new_value: Vec<u8>,
 }
 

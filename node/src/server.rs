@@ -425,6 +425,7 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), metrics_task).await;
     store.sync_wal()?;
+    store.flush_all()?;
     Ok(())
 }
 

@@ -178,6 +178,8 @@ async fn restarting_every_member_keeps_all_data_and_revisions() {
         .await
         .unwrap()
         .into_inner();
+    // kill -9 everywhere: applied state is written without the write-ahead log, so whatever
+    // was not flushed yet is gone from every member and must be re-applied from the Raft log.
     for i in 0..3 {
         c.kill(i);
     }

@@ -831,14 +831,19 @@ impl Consensus {
 async fn observe(c: Consensus) {
     let mut rx = c.inner.raft.metrics();
     let mut leader: Option<NodeId> = None;
-    let mut membership: Option<String> = None;
+    let mut membership: Option<Option<types::LogId>> = None;
     loop {
-        let (now_leader, term, members) = {
+        // Metrics change with every write: the membership is compared by its log id and only
+        // formatted when it changed.
+        let (now_leader, term, members, members_at) = {
             let m = rx.borrow_and_update();
+            let at = *m.membership_config.log_id();
+            let changed = membership.as_ref() != Some(&at);
             (
                 m.current_leader,
                 m.current_term,
-                m.membership_config.membership().to_string(),
+                changed.then(|| m.membership_config.membership().to_string()),
+                at,
             )
         };
         if now_leader != leader {
@@ -853,11 +858,11 @@ async fn observe(c: Consensus) {
             }
             leader = now_leader;
         }
-        if membership.as_ref() != Some(&members) {
+        if let Some(members) = members {
             if membership.is_some() {
                 tracing::info!(node = c.id(), term, membership = %members, "membership changed");
             }
-            membership = Some(members);
+            membership = Some(members_at);
         }
         if rx.changed().await.is_err() {
             return;

@@ -454,9 +454,8 @@ impl StateMachine {
             wb.put_cf(meta, META_MEMBERSHIP, encode(&m)?);
         }
         wb.put_cf(meta, META_APPLIED, encode(&Some(last))?);
-        // The WAL is shared with the Raft log: the next log fsync makes this durable too, and
-        // until then these entries can be re-applied from the log.
-        self.store.db().write(wb).map_err(io::Error::other)?;
+        // Not logged: after a crash Raft re-applies what the files lack from its own log.
+        self.store.write_applied(wb)?;
         b.written = self.counters;
         b.staging.overlay.clear();
         if std::mem::take(&mut b.auth_changed) {

@@ -73,6 +73,9 @@ pub fn build(store: &Store, path: &Path) -> Result<SnapshotFacts> {
 pub fn checkpoint(store: &Store, dir: &Path) -> Result<SnapshotFacts> {
     {
         let _gate = store.read_gate();
+        // `create_checkpoint` flushes the memtables first (log size 0). It must: applied
+        // state is written without the write-ahead log (`Store::write_applied`), so a
+        // checkpoint made from SST files plus the log would miss it.
         rocksdb::checkpoint::Checkpoint::new(store.db())?.create_checkpoint(dir)?;
     }
     sync_dir(dir)?;
