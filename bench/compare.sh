@@ -6,6 +6,11 @@
 #   bench/compare.sh                     # 10s per measurement, 1/16/256 clients
 #   DURATION=5s CLIENTS="16 256" bench/compare.sh
 #   OUT=bench/RESULTS.md bench/compare.sh   # also write the results file
+#   ROUNDS=3 bench/compare.sh            # repeat the sweep; each row reports the median round
+#
+# Timing on a small shared machine drifts by tens of percent over minutes, so every row measures
+# both systems back to back, alternating which goes first from round to round, and with ROUNDS > 1
+# the table shows each system's median round and the ratio of every round.
 #
 # Both clusters fsync their logs (raftkv always does; etcd does by default). raftkv runs as
 # `raftkv dev` does: JWT on every request and AES-256-GCM values; etcd runs without auth.
@@ -21,6 +26,7 @@ WORKLOADS="${WORKLOADS:-put get get-serializable mixed}"
 KEY_SPACE="${KEY_SPACE:-100000}"
 VALUE_SIZE="${VALUE_SIZE:-256}"
 OUT="${OUT:-}"
+ROUNDS="${ROUNDS:-1}"
 
 cargo build --release -q -p raftkv -p raftkv-client
 RAFTKV="$CARGO_TARGET_DIR/release/raftkv"
@@ -62,25 +68,43 @@ done
 token="$(cat "$work/raftkv/secrets/root-token")"
 
 results="$work/results.jsonl"
-for workload in $WORKLOADS; do
-    for n in $CLIENTS; do
-        for system in raftkv etcd; do
-            if [ "$system" = raftkv ]; then eps="$raftkv_eps"; auth=(--token "$token"); else eps="$etcd_eps"; auth=(); fi
-            echo "==> $system $workload, $n clients" >&2
-            line="$("$KVCTL" --endpoints "$eps" "${auth[@]}" bench --workload "$workload" --clients "$n" \
-                --duration "$DURATION" --warmup "$WARMUP" --key-space "$KEY_SPACE" --value-size "$VALUE_SIZE" --json --quiet)"
-            echo "{\"system\":\"$system\",\"result\":$line}" >>"$results"
+for round in $(seq 1 "$ROUNDS"); do
+    if [ $((round % 2)) = 1 ]; then order="raftkv etcd"; else order="etcd raftkv"; fi
+    for workload in $WORKLOADS; do
+        for n in $CLIENTS; do
+            for system in $order; do
+                if [ "$system" = raftkv ]; then eps="$raftkv_eps"; auth=(--token "$token"); else eps="$etcd_eps"; auth=(); fi
+                echo "==> round $round/$ROUNDS: $system $workload, $n clients" >&2
+                line="$("$KVCTL" --endpoints "$eps" "${auth[@]}" bench --workload "$workload" --clients "$n" \
+                    --duration "$DURATION" --warmup "$WARMUP" --key-space "$KEY_SPACE" --value-size "$VALUE_SIZE" --json --quiet)"
+                echo "{\"round\":$round,\"system\":\"$system\",\"result\":$line}" >>"$results"
+            done
         done
     done
 done
 
-python3 - "$results" "$OUT" <<'PY'
+python3 - "$results" "$OUT" "$ROUNDS" "$DURATION" <<'PY'
 import json, sys, platform, os, subprocess
 rows = [json.loads(l) for l in open(sys.argv[1])]
-by = {}
+rounds, duration = int(sys.argv[3]), sys.argv[4]
+# (workload, clients) -> round -> system -> result
+runs = {}
 for r in rows:
     res = r["result"]
-    by.setdefault((res["workload"], res["clients"]), {})[r["system"]] = res
+    runs.setdefault((res["workload"], res["clients"]), {}).setdefault(r["round"], {})[r["system"]] = res
+
+def median_run(results):
+    ordered = sorted(results, key=lambda x: x["ops_per_sec"])
+    return ordered[(len(ordered) - 1) // 2]
+
+by = {}
+per_round = {}
+for key, rs in runs.items():
+    complete = [s for s in rs.values() if "raftkv" in s and "etcd" in s]
+    if not complete:
+        continue
+    by[key] = {sys_: median_run([s[sys_] for s in complete]) for sys_ in ("raftkv", "etcd")}
+    per_round[key] = [s["raftkv"]["ops_per_sec"] / s["etcd"]["ops_per_sec"] if s["etcd"]["ops_per_sec"] else float("inf") for s in complete]
 cpu = ""
 try:
     cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
@@ -90,16 +114,18 @@ lines = []
 lines.append(f"Machine: {os.cpu_count()} CPUs ({cpu}), {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, {platform.platform()}")
 etcd_v = subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
 lines.append(f"raftkv: 3 members, JWT auth + AES-256-GCM at rest, fsync on. etcd: {etcd_v}, 3 members, no auth, fsync on. Same machine, loopback, one run.")
+lines.append(f"{duration} per measurement, {rounds} round(s); each row shows each system's median round (by ops/s), and the ops ratio of every round.")
 lines.append("")
-lines.append("| workload | clients | raftkv ops/s | etcd ops/s | ops ratio | raftkv p50 ms | etcd p50 ms | raftkv p99 ms | etcd p99 ms | p99 ratio | raftkv p999 ms | etcd p999 ms |")
-lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+lines.append("| workload | clients | raftkv ops/s | etcd ops/s | ops ratio | ratio per round | raftkv p50 ms | etcd p50 ms | raftkv p99 ms | etcd p99 ms | p99 ratio | raftkv p999 ms | etcd p999 ms |")
+lines.append("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
 for (w, c), s in sorted(by.items(), key=lambda kv: (["put","get","getserializable","mixed"].index(kv[0][0]) if kv[0][0] in ["put","get","getserializable","mixed"] else 9, kv[0][1])):
     r, e = s.get("raftkv"), s.get("etcd")
     if not r or not e:
         continue
     ratio = r["ops_per_sec"] / e["ops_per_sec"] if e["ops_per_sec"] else float("inf")
     p99r = r["p99_ms"] / e["p99_ms"] if e["p99_ms"] else float("inf")
-    lines.append(f"| {w} | {c} | {r['ops_per_sec']:.0f} | {e['ops_per_sec']:.0f} | {ratio:.2f} | {r['p50_ms']:.2f} | {e['p50_ms']:.2f} | {r['p99_ms']:.2f} | {e['p99_ms']:.2f} | {p99r:.2f} | {r['p999_ms']:.2f} | {e['p999_ms']:.2f} |")
+    each = " ".join(f"{x:.2f}" for x in per_round[(w, c)])
+    lines.append(f"| {w} | {c} | {r['ops_per_sec']:.0f} | {e['ops_per_sec']:.0f} | {ratio:.2f} | {each} | {r['p50_ms']:.2f} | {e['p50_ms']:.2f} | {r['p99_ms']:.2f} | {e['p99_ms']:.2f} | {p99r:.2f} | {r['p999_ms']:.2f} | {e['p999_ms']:.2f} |")
 lines.append("")
 lines.append("ops ratio = raftkv/etcd throughput (higher is better for raftkv); p99 ratio = raftkv/etcd p99 latency (lower is better for raftkv).")
 text = "\n".join(lines)
