@@ -145,6 +145,104 @@ async fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_a_follower_forwards_survive_a_leader_kill() {
+    // Followers hand writes to the leader over one stream; killing the leader with many of them
+    // in flight must leave each caller with a success or an Unavailable error, and every
+    // acknowledged write must be on the new leader's members.
+    let mut c = Cluster::start(Options::default());
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let follower = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let kv = c.kv(follower).await;
+    let token = c.token.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..32 {
+        let mut kv = kv.clone();
+        let token = token.clone();
+        let stop = stop.clone();
+        let killed = killed.clone();
+        writers.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            let mut after_kill = 0;
+            let mut errors = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("f{w:02}-{n:05}");
+                let sent_after_kill = killed.load(std::sync::atomic::Ordering::Relaxed);
+                match kv.put(authed(put_req(&key, &key), &token)).await {
+                    Ok(_) => {
+                        after_kill += usize::from(sent_after_kill);
+                        acknowledged.push(key);
+                    }
+                    Err(s) => {
+                        errors.push(s);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                n += 1;
+            }
+            (acknowledged, errors, after_kill)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.kill(leader);
+    killed.store(true, std::sync::atomic::Ordering::Relaxed);
+    let killed_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acknowledged = Vec::new();
+    let mut errors = Vec::new();
+    let mut after_kill = 0;
+    for w in writers {
+        let (a, e, k) = w.await.unwrap();
+        acknowledged.extend(a);
+        errors.extend(e);
+        after_kill += k;
+    }
+    for s in &errors {
+        assert_eq!(s.code(), Code::Unavailable, "unexpected error: {s:?}");
+    }
+    println!(
+        "FORWARDED: {} writes acknowledged ({after_kill} sent after the kill), {} refused as unavailable or of unknown outcome, leader killed {:?} before the end",
+        acknowledged.len(),
+        errors.len(),
+        killed_at.elapsed()
+    );
+    assert!(
+        after_kill > 0,
+        "no forwarded write succeeded after the leader was killed"
+    );
+    for i in [follower, other] {
+        let mut kv = c.kv(i).await;
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..50 {
+            let got = kv
+                .range(authed(prefix_req("f"), &c.token))
+                .await
+                .unwrap()
+                .into_inner();
+            seen = got.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
+            if acknowledged.iter().all(|k| seen.contains_key(k.as_bytes())) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for k in &acknowledged {
+            assert_eq!(
+                seen.get(k.as_bytes()).map(|v| v.as_slice()),
+                Some(k.as_bytes()),
+                "acknowledged {k} missing or wrong on member {}",
+                i + 1
+            );
+        }
+    }
+    let new_leader = c.leader(Duration::from_secs(10)).await;
+    assert_ne!(new_leader, leader);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarting_every_member_keeps_all_data_and_revisions() {
     let mut c = Cluster::start(Options::default());
     let mut kv = c.kv(0).await;

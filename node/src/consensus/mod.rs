@@ -5,6 +5,7 @@
 //! Any node serves any request: proposals and read-index requests made on a follower are
 //! forwarded to the leader over the peer port.
 
+mod forward;
 mod log_store;
 mod network;
 mod peer;
@@ -148,6 +149,7 @@ struct Inner {
     applied: watch::Receiver<u64>,
     reads: ReadBatcher,
     leader_reads: ReadBatcher,
+    forwarder: forward::Forwarder,
 }
 
 impl Consensus {
@@ -205,6 +207,7 @@ impl Consensus {
             applied,
             reads: ReadBatcher::default(),
             leader_reads: ReadBatcher::default(),
+            forwarder: forward::Forwarder::default(),
         });
         let c = Consensus { inner };
         tokio::spawn(observe(c.clone()));
@@ -416,6 +419,26 @@ impl Consensus {
     }
 
     async fn forward_propose(
+        &self,
+        leader: &MemberNode,
+        proposal: &Proposal,
+        timeout: Duration,
+    ) -> Result<Proposed, ForwardError> {
+        let streamed = self
+            .inner
+            .forwarder
+            .forward(&self.inner.channels, &leader.peer_url, proposal, timeout)
+            .await;
+        match streamed {
+            Ok(answer) => answer,
+            Err(forward::Fallback::Unary) => {
+                self.forward_propose_unary(leader, proposal, timeout).await
+            }
+        }
+    }
+
+    /// One unary call per proposal, for leaders without the proposal stream.
+    async fn forward_propose_unary(
         &self,
         leader: &MemberNode,
         proposal: &Proposal,

@@ -2,6 +2,7 @@
 //! snapshots into files, and serves proposals, read-index requests and membership changes that
 //! followers forward to this node when it leads.
 
+use super::forward::{LEADER_IN_FLIGHT, StreamAnswer, StreamRequest};
 use super::network::CLUSTER_ID_HEADER;
 use super::state_machine::{SnapshotFile, StateMachine};
 use super::types::{SnapshotMeta, TypeConfig, Vote, decode, encode};
@@ -214,6 +215,33 @@ impl RaftPeer for PeerService {
         let proposal: Proposal = decode(&req.into_inner().data).map_err(bad)?;
         let res = self.consensus.propose_as_leader(proposal).await;
         frame(&res)
+    }
+
+    type ProposeStreamStream = FrameStream;
+
+    async fn propose_stream(
+        &self,
+        req: Request<Streaming<Frame>>,
+    ) -> Result<Response<Self::ProposeStreamStream>, Status> {
+        self.check_cluster(&req)?;
+        let consensus = self.consensus.clone();
+        // Proposals run concurrently and are answered as they finish. A transport error or an
+        // undecodable frame ends the stream; the follower reports what was in flight as of
+        // unknown outcome.
+        let out = req
+            .into_inner()
+            .map(move |item| {
+                let consensus = consensus.clone();
+                async move {
+                    let (id, proposal): StreamRequest = decode(&item?.data).map_err(bad)?;
+                    let answer: StreamAnswer = (id, consensus.propose_as_leader(proposal).await);
+                    encode(&answer)
+                        .map(|data| Frame { data })
+                        .map_err(|e| Status::internal(e.to_string()))
+                }
+            })
+            .buffer_unordered(LEADER_IN_FLIGHT);
+        Ok(Response::new(Box::pin(out)))
     }
 
     async fn read_index(&self, req: Request<Frame>) -> Result<Response<Frame>, Status> {
