@@ -138,6 +138,9 @@ async fn client_loop(shared: Arc<Shared>, idx: usize, workload: Workload) -> His
     hist
 }
 
+/// Concurrent writers filling the key space before a read or mixed workload.
+const PRELOAD_PARALLEL: usize = 64;
+
 async fn preload(shared: &Arc<Shared>, parallel: usize) -> Result<(), Error> {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -216,7 +219,9 @@ pub async fn run(endpoints: &[String], token: Option<String>, a: &BenchArgs) -> 
         last_error: std::sync::Mutex::new(None),
     });
     if a.workload != Workload::Put {
-        preload(&shared, a.clients.clamp(1, 64)).await?;
+        // The preload is not measured: it runs wide whatever the measured concurrency, or a
+        // one-client run would spend minutes writing the key space one put at a time.
+        preload(&shared, PRELOAD_PARALLEL).await?;
     }
     let tasks: Vec<_> = (0..a.clients)
         .map(|i| tokio::spawn(client_loop(shared.clone(), i, a.workload)))
