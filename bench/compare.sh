@@ -132,5 +132,5 @@ text = "\n".join(lines)
 print(text)
 if sys.argv[2]:
     with open(sys.argv[2], "w") as f:
-        f.write("# raftkv vs etcd: same machine, same run\n\nReproduce with `bench/compare.sh` (writes this file with `OUT=bench/RESULTS.md`).\n\n" + text + "\n")
+        f.write(f"# raftkv vs etcd: same machine, same run\n\nReproduce with `ROUNDS={rounds} OUT=bench/RESULTS.md bench/compare.sh`.\n\n" + text + "\n")
 PY
