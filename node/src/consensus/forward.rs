@@ -226,12 +226,7 @@ fn open(channels: &PeerChannels, url: &str) -> Result<Arc<ProposalStream>, Strin
                 .ok()
                 .and_then(|mut p| p.as_mut().and_then(|m| m.remove(&id)));
             if let Some(w) = waiter {
-                let _ = w.send(Answer::Done(match answer {
-                    Ok(p) => Ok(p),
-                    // The remote was no longer leader and did not take the entry.
-                    Err(ProposeError::NoLeader) => Err(ForwardError::NotDelivered),
-                    Err(e) => Err(ForwardError::Failed(e)),
-                }));
+                let _ = w.send(Answer::Done(ForwardError::from_leader(answer)));
             }
         }
         close(&pending, || {

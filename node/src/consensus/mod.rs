@@ -462,12 +462,7 @@ impl Consensus {
                     decode(&resp.into_inner().data).map_err(|e| {
                         ForwardError::Failed(ProposeError::OutcomeUnknown(e.to_string()))
                     })?;
-                match r {
-                    Ok(p) => Ok(p),
-                    // The remote was no longer leader and did not take the entry.
-                    Err(ProposeError::NoLeader) => Err(ForwardError::NotDelivered),
-                    Err(e) => Err(ForwardError::Failed(e)),
-                }
+                ForwardError::from_leader(r)
             }
             Err(status) if is_connect_failure(&status) => Err(ForwardError::NotDelivered),
             Err(status) => Err(ForwardError::Failed(ProposeError::OutcomeUnknown(format!(
@@ -903,6 +898,18 @@ enum ForwardError {
     /// The request did not reach a leader that took it: it is safe to retry.
     NotDelivered,
     Failed(ProposeError),
+}
+
+impl ForwardError {
+    /// What the node a proposal was forwarded to answered, however it travelled.
+    fn from_leader(answer: Result<Proposed, ProposeError>) -> Result<Proposed, ForwardError> {
+        match answer {
+            Ok(p) => Ok(p),
+            // The remote was no longer leader and did not take the entry.
+            Err(ProposeError::NoLeader) => Err(ForwardError::NotDelivered),
+            Err(e) => Err(ForwardError::Failed(e)),
+        }
+    }
 }
 
 /// A transport error that happened before the request could be sent.

@@ -56,10 +56,14 @@ fn bad(e: std::io::Error) -> Status {
     Status::invalid_argument(format!("undecodable peer message: {e}"))
 }
 
+fn to_frame<T: serde::Serialize>(v: &T) -> Result<Frame, Status> {
+    encode(v)
+        .map(|data| Frame { data })
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
 fn frame<T: serde::Serialize>(v: &T) -> Result<Response<Frame>, Status> {
-    Ok(Response::new(Frame {
-        data: encode(v).map_err(|e| Status::internal(e.to_string()))?,
-    }))
+    to_frame(v).map(Response::new)
 }
 
 type FrameStream = Pin<Box<dyn futures::Stream<Item = Result<Frame, Status>> + Send>>;
@@ -108,9 +112,7 @@ impl RaftPeer for PeerService {
         let out = self.consensus.inner.raft.stream_append(input).map(|item| {
             let wire: Result<openraft::raft::StreamAppendResult<TypeConfig>, String> =
                 item.map_err(|fatal| fatal.to_string());
-            encode(&wire)
-                .map(|data| Frame { data })
-                .map_err(|e| Status::internal(e.to_string()))
+            to_frame(&wire)
         });
         Ok(Response::new(Box::pin(out)))
     }
@@ -235,9 +237,7 @@ impl RaftPeer for PeerService {
                 async move {
                     let (id, proposal): StreamRequest = decode(&item?.data).map_err(bad)?;
                     let answer: StreamAnswer = (id, consensus.propose_as_leader(proposal).await);
-                    encode(&answer)
-                        .map(|data| Frame { data })
-                        .map_err(|e| Status::internal(e.to_string()))
+                    to_frame(&answer)
                 }
             })
             .buffer_unordered(LEADER_IN_FLIGHT);

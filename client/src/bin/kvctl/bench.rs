@@ -141,10 +141,12 @@ async fn client_loop(shared: Arc<Shared>, idx: usize, workload: Workload) -> His
 /// Concurrent writers filling the key space before a read or mixed workload.
 const PRELOAD_PARALLEL: usize = 64;
 
-async fn preload(shared: &Arc<Shared>, parallel: usize) -> Result<(), Error> {
+/// Writes every key of the key space once. It is not measured, so it runs wide whatever the
+/// measured concurrency: a one-client run would otherwise spend minutes on it.
+async fn preload(shared: &Arc<Shared>) -> Result<(), Error> {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for i in 0..parallel {
+    for i in 0..PRELOAD_PARALLEL {
         let shared = shared.clone();
         let next = next.clone();
         tasks.push(tokio::spawn(async move {
@@ -219,9 +221,7 @@ pub async fn run(endpoints: &[String], token: Option<String>, a: &BenchArgs) -> 
         last_error: std::sync::Mutex::new(None),
     });
     if a.workload != Workload::Put {
-        // The preload is not measured: it runs wide whatever the measured concurrency, or a
-        // one-client run would spend minutes writing the key space one put at a time.
-        preload(&shared, PRELOAD_PARALLEL).await?;
+        preload(&shared).await?;
     }
     let tasks: Vec<_> = (0..a.clients)
         .map(|i| tokio::spawn(client_loop(shared.clone(), i, a.workload)))
