@@ -11,11 +11,32 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
+/// Ports handed to test servers come from below Linux's ephemeral range (32768–60999 by
+/// default). A port the kernel picked for `bind(0)` is released before the server binds it, and
+/// in that gap any outbound connection (a test's client, a peer dialling another member) may be
+/// given the same port as its local end; a member restarted on its old port meets the same race.
+/// Below the ephemeral range only other listeners compete, and those are checked by binding.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    // Test binaries may run side by side, so each process starts at its own offset.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        let port = TEST_PORTS.start + offset as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {TEST_PORTS:?}")
 }
 
 #[derive(Clone, Debug)]
