@@ -96,6 +96,17 @@ pub struct ServeArgs {
     #[arg(long, env = "RAFTKV_REQUEST_TIMEOUT_MS", default_value_t = 7_000)]
     pub request_timeout_ms: u64,
 
+    // ---- Storage ----
+    /// Most MiB per second RocksDB writes in the background (flushes and compactions); 0 for no
+    /// limit. Unthrottled bursts delay the log's fsyncs and so every write's commit; raise it on
+    /// disks that take more.
+    #[arg(
+        long,
+        env = "RAFTKV_BACKGROUND_WRITE_MIB_PER_SEC",
+        default_value_t = 32
+    )]
+    pub background_write_mib_per_sec: u64,
+
     // ---- Limits ----
     /// Largest accepted request in bytes (etcd's --max-request-bytes).
     #[arg(long, env = "RAFTKV_MAX_REQUEST_BYTES", default_value_t = 1536 * 1024)]

@@ -12,7 +12,7 @@ use crate::consensus::{ApplyHooks, Consensus, ConsensusConfig, MemberNode, Membe
 use crate::crypto::{Keyring, Sealer};
 use crate::metrics::{self, Metrics, ReadinessPolicy};
 use crate::model::{AuthCommand, Command};
-use crate::storage::Store;
+use crate::storage::{Store, StoreOptions};
 use crate::tls;
 use raftkv_proto::admin::admin_server::AdminServer;
 use raftkv_proto::etcdserverpb::auth_server::AuthServer;
@@ -173,7 +173,14 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
     };
     let authn = Authenticator::new(&jwt)?;
 
-    let store = Store::open(&data.db_path())?;
+    let store = Store::open_with(
+        &data.db_path(),
+        &StoreOptions {
+            background_write_bytes_per_sec: args
+                .background_write_mib_per_sec
+                .saturating_mul(1 << 20),
+        },
+    )?;
     check_keyring(&store, &sealer, args.encryption_keyring_file.as_deref())?;
 
     let metrics = Arc::new(Metrics::new(my_id));

@@ -63,6 +63,9 @@ struct Shared {
     key_space: u64,
     ops: AtomicU64,
     errors: AtomicU64,
+    /// Slowest answer since the last progress line, in microseconds: a stall shows up in the
+    /// second it happened instead of only in the run's tail percentiles.
+    slowest: AtomicU64,
     measuring: AtomicBool,
     stop: AtomicBool,
     last_error: std::sync::Mutex<Option<String>>,
@@ -125,6 +128,7 @@ async fn client_loop(shared: Arc<Shared>, idx: usize, workload: Workload) -> His
         match res {
             Ok(()) => {
                 let _ = hist.record(took.max(1));
+                shared.slowest.fetch_max(took, Ordering::Relaxed);
                 shared.ops.fetch_add(1, Ordering::Relaxed);
             }
             Err(s) => {
@@ -216,6 +220,7 @@ pub async fn run(endpoints: &[String], token: Option<String>, a: &BenchArgs) -> 
         key_space: a.key_space,
         ops: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        slowest: AtomicU64::new(0),
         measuring: AtomicBool::new(false),
         stop: AtomicBool::new(false),
         last_error: std::sync::Mutex::new(None),
@@ -235,11 +240,13 @@ pub async fn run(endpoints: &[String], token: Option<String>, a: &BenchArgs) -> 
     while started.elapsed() < a.duration {
         tick.tick().await;
         let ops = shared.ops.load(Ordering::Relaxed);
+        let slowest = shared.slowest.swap(0, Ordering::Relaxed);
         if !a.quiet {
             eprintln!(
-                "[{:>3}s] {:>8} ops/s  errors {}",
+                "[{:>3}s] {:>8} ops/s  slowest {:>8.2} ms  errors {}",
                 started.elapsed().as_secs(),
                 ops - last_ops,
+                slowest as f64 / 1000.0,
                 shared.errors.load(Ordering::Relaxed)
             );
         }
