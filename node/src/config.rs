@@ -103,7 +103,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "RAFTKV_BACKGROUND_WRITE_MIB_PER_SEC",
-        default_value_t = 32
+        default_value_t = 64
     )]
     pub background_write_mib_per_sec: u64,
 
