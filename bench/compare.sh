@@ -97,6 +97,9 @@ def median_run(results):
     ordered = sorted(results, key=lambda x: x["ops_per_sec"])
     return ordered[(len(ordered) - 1) // 2]
 
+def ratio(a, b):
+    return a / b if b else float("inf")
+
 by = {}
 per_round = {}
 for key, rs in runs.items():
@@ -104,7 +107,7 @@ for key, rs in runs.items():
     if not complete:
         continue
     by[key] = {sys_: median_run([s[sys_] for s in complete]) for sys_ in ("raftkv", "etcd")}
-    per_round[key] = [s["raftkv"]["ops_per_sec"] / s["etcd"]["ops_per_sec"] if s["etcd"]["ops_per_sec"] else float("inf") for s in complete]
+    per_round[key] = [ratio(s["raftkv"]["ops_per_sec"], s["etcd"]["ops_per_sec"]) for s in complete]
 cpu = ""
 try:
     cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
@@ -119,13 +122,11 @@ lines.append("")
 lines.append("| workload | clients | raftkv ops/s | etcd ops/s | ops ratio | ratio per round | raftkv p50 ms | etcd p50 ms | raftkv p99 ms | etcd p99 ms | p99 ratio | raftkv p999 ms | etcd p999 ms |")
 lines.append("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
 for (w, c), s in sorted(by.items(), key=lambda kv: (["put","get","getserializable","mixed"].index(kv[0][0]) if kv[0][0] in ["put","get","getserializable","mixed"] else 9, kv[0][1])):
-    r, e = s.get("raftkv"), s.get("etcd")
-    if not r or not e:
-        continue
-    ratio = r["ops_per_sec"] / e["ops_per_sec"] if e["ops_per_sec"] else float("inf")
-    p99r = r["p99_ms"] / e["p99_ms"] if e["p99_ms"] else float("inf")
+    r, e = s["raftkv"], s["etcd"]
+    ops_ratio = ratio(r["ops_per_sec"], e["ops_per_sec"])
+    p99r = ratio(r["p99_ms"], e["p99_ms"])
     each = " ".join(f"{x:.2f}" for x in per_round[(w, c)])
-    lines.append(f"| {w} | {c} | {r['ops_per_sec']:.0f} | {e['ops_per_sec']:.0f} | {ratio:.2f} | {each} | {r['p50_ms']:.2f} | {e['p50_ms']:.2f} | {r['p99_ms']:.2f} | {e['p99_ms']:.2f} | {p99r:.2f} | {r['p999_ms']:.2f} | {e['p999_ms']:.2f} |")
+    lines.append(f"| {w} | {c} | {r['ops_per_sec']:.0f} | {e['ops_per_sec']:.0f} | {ops_ratio:.2f} | {each} | {r['p50_ms']:.2f} | {e['p50_ms']:.2f} | {r['p99_ms']:.2f} | {e['p99_ms']:.2f} | {p99r:.2f} | {r['p999_ms']:.2f} | {e['p999_ms']:.2f} |")
 lines.append("")
 lines.append("ops ratio = raftkv/etcd throughput (higher is better for raftkv); p99 ratio = raftkv/etcd p99 latency (lower is better for raftkv).")
 text = "\n".join(lines)

@@ -103,7 +103,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "RAFTKV_BACKGROUND_WRITE_MIB_PER_SEC",
-        default_value_t = 64
+        default_value_t = crate::storage::DEFAULT_BACKGROUND_WRITE_MIB_PER_SEC
     )]
     pub background_write_mib_per_sec: u64,
 

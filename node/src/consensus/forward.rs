@@ -27,6 +27,7 @@ pub(super) type StreamAnswer = (u64, Result<Proposed, ProposeError>);
 pub(super) const LEADER_IN_FLIGHT: usize = 4096;
 
 /// What a waiting caller is told.
+#[derive(Clone)]
 enum Answer {
     Done(Result<Proposed, ForwardError>),
     /// The leader has no proposal stream (nothing was taken): fall back to unary calls.
@@ -187,22 +188,16 @@ fn open(channels: &PeerChannels, url: &str) -> Result<Arc<ProposalStream>, Strin
             Err(status) => {
                 // The leader refused or could not be reached before taking any proposal.
                 let outcome = if status.code() == tonic::Code::Unimplemented {
-                    OpenFailure::NoStream
+                    Answer::NoStream
                 } else if is_connect_failure(&status) {
-                    OpenFailure::NotDelivered
+                    Answer::Done(Err(ForwardError::NotDelivered))
                 } else {
                     tracing::debug!(leader = %url, error = %status, "proposal stream refused");
-                    OpenFailure::Unknown
+                    Answer::Done(Err(ForwardError::Failed(ProposeError::OutcomeUnknown(
+                        "the leader's proposal stream failed as it opened".into(),
+                    ))))
                 };
-                close(&pending, || match outcome {
-                    OpenFailure::NoStream => Answer::NoStream,
-                    OpenFailure::NotDelivered => Answer::Done(Err(ForwardError::NotDelivered)),
-                    OpenFailure::Unknown => {
-                        Answer::Done(Err(ForwardError::Failed(ProposeError::OutcomeUnknown(
-                            "the leader's proposal stream failed as it opened".into(),
-                        ))))
-                    }
-                });
+                close(&pending, outcome);
                 return;
             }
         };
@@ -229,28 +224,20 @@ fn open(channels: &PeerChannels, url: &str) -> Result<Arc<ProposalStream>, Strin
                 let _ = w.send(Answer::Done(ForwardError::from_leader(answer)));
             }
         }
-        close(&pending, || {
+        close(
+            &pending,
             Answer::Done(Err(ForwardError::Failed(ProposeError::OutcomeUnknown(
                 "the connection to the leader was lost with the proposal in flight".into(),
-            ))))
-        });
+            )))),
+        );
     });
     Ok(stream)
 }
 
-/// Why a stream did not open.
-#[derive(Clone, Copy)]
-enum OpenFailure {
-    NoStream,
-    /// It never reached the leader.
-    NotDelivered,
-    Unknown,
-}
-
 /// Ends the stream for its waiters: each gets `outcome`, and no one can wait any more.
-fn close(pending: &Pending, outcome: impl Fn() -> Answer) {
+fn close(pending: &Pending, outcome: Answer) {
     let waiters = pending.lock().ok().and_then(|mut p| p.take());
     for (_, w) in waiters.into_iter().flatten() {
-        let _ = w.send(outcome());
+        let _ = w.send(outcome.clone());
     }
 }

@@ -894,6 +894,7 @@ enum LocalError {
     Failed(ProposeError),
 }
 
+#[derive(Clone)]
 enum ForwardError {
     /// The request did not reach a leader that took it: it is safe to retry.
     NotDelivered,

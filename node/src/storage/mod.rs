@@ -62,6 +62,9 @@ impl From<StorageError> for std::io::Error {
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
+/// Default ceiling on flush and compaction writes, in MiB per second.
+pub const DEFAULT_BACKGROUND_WRITE_MIB_PER_SEC: u64 = 64;
+
 /// How the database is opened.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
@@ -72,7 +75,7 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
-            background_write_bytes_per_sec: 64 << 20,
+            background_write_bytes_per_sec: DEFAULT_BACKGROUND_WRITE_MIB_PER_SEC << 20,
         }
     }
 }
