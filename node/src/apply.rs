@@ -4,7 +4,11 @@
 //! Everything here is deterministic: the same proposal on the same state gives the same batch
 //! and the same response on every replica.
 
-use crate::model::{ApplyError, ApplyOutput, ApplyResponse, Command, PermType, Proposal};
+use crate::crypto::envelope::Envelope;
+use crate::model::{
+    ApplyError, ApplyOutput, ApplyResponse, Command, CompareTarget, MAX_LEASE_TTL, PermType,
+    Proposal, RequestOp, TxnRequest,
+};
 use crate::storage::auth_state::{self, AuthSource};
 use crate::storage::mvcc::{
     self, Authorizer, Counters, Event, ReadError, Staging, ValueOpener, WriteTxn,
@@ -39,6 +43,9 @@ pub struct Executor {
     /// Keys whose usage changed since it was last staged.
     dirty: Arc<std::sync::Mutex<Vec<u32>>>,
     meta: Arc<std::sync::Mutex<mvcc::MetaCache>>,
+    /// Whether the cluster has ever sealed a value (0 unknown, 1 no, 2 yes): from then on it
+    /// refuses plaintext values.
+    encrypted: Arc<std::sync::atomic::AtomicU8>,
 }
 
 /// Live keys whose metadata the executor keeps in memory.
@@ -55,6 +62,7 @@ impl Executor {
             usage: Arc::default(),
             dirty: Arc::default(),
             meta: Arc::new(std::sync::Mutex::new(mvcc::MetaCache::new(META_CACHE_KEYS))),
+            encrypted: Arc::default(),
         })
     }
 
@@ -79,7 +87,74 @@ impl Executor {
         if let Ok(mut m) = self.meta.lock() {
             m.clear();
         }
+        self.encrypted
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// True once the cluster has recorded an encryption key (it sealed a value).
+    fn cluster_encrypted(&self, store: &Store) -> Result<bool, StorageError> {
+        use std::sync::atomic::Ordering;
+        match self.encrypted.load(Ordering::Relaxed) {
+            1 => Ok(false),
+            2 => Ok(true),
+            _ => {
+                let yes = !keys_in_use(store)?.is_empty();
+                self.encrypted
+                    .store(if yes { 2 } else { 1 }, Ordering::Relaxed);
+                Ok(yes)
+            }
+        }
+    }
+
+    /// Refuses a proposal whose values are not what encryption at rest requires: with a key
+    /// named, every value and compare operand must be sealed with that key; without one, none
+    /// may be sealed, and none may be plaintext once the cluster encrypts. A member enforces
+    /// this for what it seals itself, but entries also arrive from other members, so the state
+    /// machine decides, identically everywhere.
+    fn check_envelopes(
+        &self,
+        store: &Store,
+        proposal: &Proposal,
+    ) -> Result<Option<ApplyError>, StorageError> {
+        let mut blobs: Vec<&[u8]> = Vec::new();
+        sealed_blobs(&proposal.command, &mut blobs);
+        if blobs.is_empty() {
+            return Ok(None);
+        }
+        let bad = |m: &str| Ok(Some(ApplyError::Encryption(m.to_string())));
+        match &proposal.key {
+            Some(k) => {
+                for b in blobs {
+                    match Envelope::parse(b) {
+                        Ok(Envelope::Sealed { key_id, .. }) if key_id == k.id => {}
+                        _ => {
+                            return bad(&format!(
+                                "a value of this request is not sealed with key {} that the                                  request names; refused",
+                                k.id
+                            ));
+                        }
+                    }
+                }
+            }
+            None => {
+                for b in blobs {
+                    match Envelope::parse(b) {
+                        Ok(Envelope::Plain(_)) => {}
+                        Ok(Envelope::Sealed { .. }) => {
+                            return bad("a sealed value must name its key; refused");
+                        }
+                        Err(_) => return bad("a value of this request is not an envelope"),
+                    }
+                }
+                if self.cluster_encrypted(store)? {
+                    return bad(
+                        "plaintext values are refused: this cluster encrypts values at rest                          (the member that proposed this has no keyring)",
+                    );
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Values sealed with key `id` and its recorded fingerprint, cached after the first read.
@@ -168,6 +243,9 @@ impl Executor {
                 )),
             ));
         }
+        if let Some(e) = self.check_envelopes(store, proposal)? {
+            return Ok(refused(counters, e));
+        }
         let grants = self.auth.get().grants(proposal.principal.as_ref());
         let mut meta = self
             .meta
@@ -186,6 +264,8 @@ impl Executor {
                 if let Some(k) = &proposal.key {
                     let sealed = sealed_values(&proposal.command);
                     if sealed > 0 {
+                        self.encrypted
+                            .store(2, std::sync::atomic::Ordering::Relaxed);
                         let (used, _) = self.usage_of(store, k.id)?;
                         if let Ok(mut u) = self.usage.lock() {
                             u.insert(k.id, (used + sealed, Some(k.fingerprint)));
@@ -259,6 +339,9 @@ impl Executor {
                 Ok(ApplyOutput::Reencrypted { replaced })
             }
             Command::LeaseGrant { id, ttl } => {
+                if *ttl > MAX_LEASE_TTL || *ttl < 0 {
+                    return Err(ApplyError::LeaseTtlTooLarge.into());
+                }
                 if txn.lease_grant(*id, *ttl)? {
                     Ok(ApplyOutput::LeaseGranted { id: *id, ttl: *ttl })
                 } else {
@@ -297,23 +380,46 @@ fn refused(counters: Counters, e: ApplyError) -> Staged {
     }
 }
 
-/// How many values a command sealed with the proposal's key (for the per-key usage limit).
-fn sealed_values(cmd: &Command) -> u64 {
-    fn ops(list: &[crate::model::RequestOp]) -> u64 {
-        list.iter()
-            .map(|op| match op {
-                crate::model::RequestOp::Put(p) if !p.ignore_value => 1,
-                crate::model::RequestOp::Txn(t) => ops(&t.success) + ops(&t.failure),
-                _ => 0,
-            })
-            .sum()
+/// Every value a command carries that must be an envelope: put values, VALUE compare operands,
+/// re-encrypted values (their old form was read from storage and is not checked).
+fn sealed_blobs<'a>(cmd: &'a Command, out: &mut Vec<&'a [u8]>) {
+    fn txn<'a>(t: &'a TxnRequest, out: &mut Vec<&'a [u8]>) {
+        for c in &t.compare {
+            if let CompareTarget::Value(v) = &c.target {
+                out.push(v);
+            }
+        }
+        for op in t.success.iter().chain(t.failure.iter()) {
+            match op {
+                RequestOp::Put(p) if !p.ignore_value => out.push(&p.value),
+                RequestOp::Txn(inner) => txn(inner, out),
+                _ => {}
+            }
+        }
     }
     match cmd {
-        Command::Put(p) if !p.ignore_value => 1,
-        Command::Txn(t) => ops(&t.success) + ops(&t.failure),
-        Command::Reencrypt(items) => items.len() as u64,
-        _ => 0,
+        Command::Put(p) if !p.ignore_value => out.push(&p.value),
+        Command::Txn(t) => txn(t, out),
+        Command::Reencrypt(items) => out.extend(items.iter().map(|i| i.new_value.as_slice())),
+        _ => {}
     }
+}
+
+/// True if a command carries a value or compare operand that is not sealed.
+pub fn carries_plaintext(cmd: &Command) -> bool {
+    let mut blobs = Vec::new();
+    sealed_blobs(cmd, &mut blobs);
+    blobs
+        .iter()
+        .any(|b| !matches!(Envelope::parse(b), Ok(Envelope::Sealed { .. })))
+}
+
+/// How many values a command sealed with the proposal's key (for the per-key usage limit):
+/// each one used a nonce.
+fn sealed_values(cmd: &Command) -> u64 {
+    let mut blobs = Vec::new();
+    sealed_blobs(cmd, &mut blobs);
+    blobs.len() as u64
 }
 
 fn usage_key(id: u32) -> Vec<u8> {
@@ -353,4 +459,100 @@ pub fn key_usage(store: &impl AuthSource, id: u32) -> Result<u64, StorageError> 
         .auth_meta(&usage_key(id))?
         .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
         .unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{Keyring, Sealer};
+    use crate::model::{PutRequest, SealKey};
+    use crate::storage::mvcc::Staging;
+
+    fn stage(
+        exec: &Executor,
+        store: &Store,
+        counters: &mut Counters,
+        p: &Proposal,
+    ) -> ApplyResponse {
+        let mut staging = Staging::default();
+        let staged = exec.stage(store, *counters, &mut staging, p).unwrap();
+        let mut batch = std::mem::take(&mut staging.batch);
+        exec.stage_usage(store, &mut batch).unwrap();
+        mvcc::stage_counters(store, &mut batch, *counters, staged.counters).unwrap();
+        store.db().write(batch).unwrap();
+        *counters = staged.counters;
+        staged.response
+    }
+
+    fn put(key: &str, value: Vec<u8>) -> Command {
+        Command::Put(PutRequest {
+            key: key.into(),
+            value,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn once_a_value_is_sealed_every_replica_refuses_plaintext_and_mislabelled_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ring = Keyring::generate();
+        let key = SealKey {
+            id: ring.active().id,
+            fingerprint: ring.active().fingerprint,
+        };
+        let sealer = Arc::new(Sealer::new(ring, None, u64::MAX));
+        let exec = Executor::new(&store, sealer.clone()).unwrap();
+        let mut counters = Counters::load(&store).unwrap();
+        let plain = |k: &str| Proposal {
+            principal: None,
+            key: None,
+            command: put(k, crate::crypto::envelope::plain(b"v")),
+        };
+        // A cluster that never encrypted takes plaintext (encryption can be turned on later).
+        assert!(
+            stage(&exec, &store, &mut counters, &plain("a"))
+                .result
+                .is_ok()
+        );
+        let sealed = Proposal {
+            principal: None,
+            key: Some(key),
+            command: put("b", sealer.seal(b"b", b"v").unwrap()),
+        };
+        assert!(stage(&exec, &store, &mut counters, &sealed).result.is_ok());
+        // From then on, plaintext is refused...
+        let r = stage(&exec, &store, &mut counters, &plain("c"));
+        assert!(matches!(r.result, Err(ApplyError::Encryption(_))), "{r:?}");
+        // ...as is a proposal whose values do not match the key it names...
+        let lying = Proposal {
+            principal: None,
+            key: Some(key),
+            command: put("d", crate::crypto::envelope::plain(b"v")),
+        };
+        let r = stage(&exec, &store, &mut counters, &lying);
+        assert!(matches!(r.result, Err(ApplyError::Encryption(_))), "{r:?}");
+        // ...and a sealed compare operand counts as sealed, a plain one does not.
+        let txn = |operand: Vec<u8>| Proposal {
+            principal: None,
+            key: Some(key),
+            command: Command::Txn(TxnRequest {
+                compare: vec![crate::model::Compare {
+                    result: crate::model::CompareResult::Equal,
+                    target: CompareTarget::Value(operand),
+                    key: b"b".to_vec(),
+                    range_end: Vec::new(),
+                }],
+                ..Default::default()
+            }),
+        };
+        let ok = txn(sealer.seal_operand(b"b", b"v").unwrap());
+        assert!(stage(&exec, &store, &mut counters, &ok).result.is_ok());
+        let bad = txn(crate::crypto::envelope::plain(b"v"));
+        assert!(stage(&exec, &store, &mut counters, &bad).result.is_err());
+        // The verdict survives a restart of the executor (it is read from the store).
+        let exec = Executor::new(&store, sealer).unwrap();
+        let r = stage(&exec, &store, &mut counters, &plain("e"));
+        assert!(matches!(r.result, Err(ApplyError::Encryption(_))), "{r:?}");
+    }
 }

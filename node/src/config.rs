@@ -116,6 +116,29 @@ pub struct ServeArgs {
     #[arg(long, env = "RAFTKV_MAX_TXN_OPS", default_value_t = 128)]
     pub max_txn_ops: usize,
 
+    /// Most operations in one transaction counting every nesting level (nested transactions
+    /// would otherwise multiply --max-txn-ops).
+    #[arg(long, env = "RAFTKV_MAX_TXN_TOTAL_OPS", default_value_t = 1024)]
+    pub max_txn_total_ops: usize,
+
+    /// Most bytes of key-values one read (a range or a read-only transaction) may gather on a
+    /// member; larger reads are refused with ResourceExhausted and should page with `limit`.
+    #[arg(long, env = "RAFTKV_MAX_RESPONSE_BYTES", default_value_t = 1 << 30)]
+    pub max_response_bytes: u64,
+
+    /// Most client connections open at once; further connections are closed on accept.
+    #[arg(long, env = "RAFTKV_MAX_CLIENT_CONNECTIONS", default_value_t = 10_000)]
+    pub max_client_connections: usize,
+
+    /// A client connection that has not made an authenticated request after this many seconds
+    /// is closed (0: never).
+    #[arg(
+        long,
+        env = "RAFTKV_UNAUTHENTICATED_CONNECTION_TIMEOUT_SECONDS",
+        default_value_t = 30
+    )]
+    pub unauthenticated_connection_timeout_seconds: u64,
+
     /// Database size above which writes are refused (etcd's --quota-backend-bytes).
     #[arg(long, env = "RAFTKV_QUOTA_BACKEND_BYTES", default_value_t = 8 << 30)]
     pub quota_backend_bytes: u64,
@@ -162,6 +185,15 @@ pub struct ServeArgs {
     #[arg(long, env = "RAFTKV_TOKEN_TTL_SECONDS", default_value_t = 300)]
     pub token_ttl_seconds: u64,
 
+    /// Longest lifetime a presented token may have left, in seconds; tokens minted to last
+    /// longer are refused.
+    #[arg(
+        long,
+        env = "RAFTKV_JWT_MAX_LIFETIME_SECONDS",
+        default_value_t = 86_400
+    )]
+    pub jwt_max_lifetime_seconds: u64,
+
     // ---- Encryption at rest ----
     /// Keyring file (JSON) of AES-256 keys; values are encrypted when it is set.
     #[arg(long, env = "RAFTKV_ENCRYPTION_KEYRING_FILE")]
@@ -195,6 +227,12 @@ pub struct ServeArgs {
     )]
     pub client_trusted_ca_file: Option<PathBuf>,
 
+    /// Authenticate requests without a token by their client certificate: its common name is
+    /// the user (which must exist; its roles apply). A token, when sent, wins. On by default
+    /// when --client-trusted-ca-file makes client certificates required (`false` turns it off).
+    #[arg(long, env = "RAFTKV_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true")]
+    pub client_cert_auth: Option<bool>,
+
     /// Certificate (PEM) of the peer port; peer TLS (always mutual) is on when set.
     #[arg(long, env = "RAFTKV_PEER_CERT_FILE", requires_all = ["peer_key_file", "peer_trusted_ca_file"])]
     pub peer_cert_file: Option<PathBuf>,
@@ -205,6 +243,17 @@ pub struct ServeArgs {
     /// CA (PEM) that signed every member's peer certificate.
     #[arg(long, env = "RAFTKV_PEER_TRUSTED_CA_FILE", requires = "peer_cert_file")]
     pub peer_trusted_ca_file: Option<PathBuf>,
+
+    /// Host names a peer certificate may name besides the hosts of the members' peer URLs
+    /// (repeatable; `*.suffix` matches one label), e.g. `*.kv-peer.ns.svc` for members that
+    /// join later.
+    #[arg(long, env = "RAFTKV_PEER_CERT_ALLOWED_HOSTNAME", value_delimiter = ',')]
+    pub peer_cert_allowed_hostname: Vec<String>,
+
+    /// Run the peer port without TLS. Anyone who can reach the port can then rewrite the
+    /// cluster's log: only for experiments on an isolated machine.
+    #[arg(long, env = "RAFTKV_INSECURE_PEER_PLAINTEXT")]
+    pub insecure_peer_plaintext: bool,
 
     // ---- Readiness ----
     /// Most entries the applied index may trail the commit index and still be ready.
@@ -252,6 +301,13 @@ impl ServeArgs {
 
     pub fn client_tls(&self) -> bool {
         self.client_cert_file.is_some()
+    }
+
+    /// Whether client certificates identify users (see --client-cert-auth).
+    pub fn client_cert_auth(&self) -> bool {
+        self.client_cert_auth
+            .unwrap_or(self.client_trusted_ca_file.is_some())
+            && self.client_trusted_ca_file.is_some()
     }
 
     /// The peer URL other members use to reach this one.

@@ -1,6 +1,7 @@
 //! `raftkv dev`: a local cluster of real `raftkv serve` processes on loopback, secure by default
-//! (tokens, encryption at rest, a root user), with a short sample session so a newcomer sees it
-//! work. Data and generated secrets live under one directory; a second run reuses them.
+//! (tokens, encryption at rest, a root user, mutual TLS with member certificates between the
+//! members), with a short sample session so a newcomer sees it work. Data and generated secrets
+//! (including the cluster CA) live under one directory; a second run reuses them.
 
 use crate::auth::jwt::{JwtConfig, TokenIssuer};
 use crate::crypto::Keyring;
@@ -25,6 +26,9 @@ pub struct DevArgs {
     /// Skip the sample session.
     #[arg(long)]
     pub no_sample: bool,
+    /// Serve TLS on the client ports too (with member certificates from the dev CA).
+    #[arg(long)]
+    pub client_tls: bool,
 }
 
 pub struct Ports {
@@ -33,13 +37,22 @@ pub struct Ports {
     pub metrics: u16,
 }
 
-pub fn ports(base: u16, i: u64) -> Ports {
-    let client = base + 100 * (i as u16 - 1);
-    Ports {
-        client,
-        peer: client + 1,
-        metrics: client + 7000,
+/// Member `i`'s ports, or why they do not fit below 65536.
+pub fn ports(base: u16, i: u64) -> Result<Ports, String> {
+    let client = u32::from(base) + 100 * (i.saturating_sub(1) as u32);
+    let metrics = client + 7000;
+    if i == 0 || metrics > u32::from(u16::MAX) {
+        return Err(format!(
+            "--base-port {base} leaves no room for member {i}'s ports (client base+100*(i-1), \
+             peer +1, metrics +7000 must stay below 65536); use a base port of at most {}",
+            u32::from(u16::MAX).saturating_sub(7000 + 100 * (i.saturating_sub(1) as u32))
+        ));
     }
+    Ok(Ports {
+        client: client as u16,
+        peer: (client + 1) as u16,
+        metrics: metrics as u16,
+    })
 }
 
 /// Secrets a dev cluster runs with, generated on first use.
@@ -48,6 +61,8 @@ pub struct DevSecrets {
     pub keyring: PathBuf,
     pub root_password_file: PathBuf,
     pub root_password: String,
+    /// The cluster CA and member certificates (`ca.crt`, `node-<i>.crt`/`.key`).
+    pub pki: PathBuf,
 }
 
 fn random_text(n: usize) -> String {
@@ -63,6 +78,7 @@ pub fn ensure_secrets(dir: &Path) -> std::io::Result<DevSecrets> {
         keyring: dir.join("keyring.json"),
         root_password_file: dir.join("root-password"),
         root_password: String::new(),
+        pki: dir.join("pki"),
     };
     if !s.jwt_secret.exists() {
         write_secret(&s.jwt_secret, random_text(48).as_bytes())?;
@@ -79,22 +95,46 @@ pub fn ensure_secrets(dir: &Path) -> std::io::Result<DevSecrets> {
     Ok(DevSecrets { root_password, ..s })
 }
 
-fn spawn_member(
-    exe: &Path,
-    args: &DevArgs,
-    secrets: &DevSecrets,
-    i: u64,
-) -> std::io::Result<Child> {
-    let p = ports(args.base_port, i);
-    let initial: Vec<String> = (1..=args.nodes)
-        .map(|j| format!("{j}=http://127.0.0.1:{}", ports(args.base_port, j).peer))
-        .collect();
+/// The dev cluster's CA and a member certificate for member `i` (valid for loopback), made on
+/// first use. Members check each other's certificates on every peer connection.
+pub fn ensure_member_cert(pki: &Path, i: u64) -> Result<crate::certs::IssuedFiles, String> {
+    let ca =
+        crate::certs::Authority::load_or_create(pki, "raftkv dev CA").map_err(|e| e.to_string())?;
+    let stem = format!("node-{i}");
+    let files = crate::certs::IssuedFiles {
+        cert: pki.join(format!("{stem}.crt")),
+        key: pki.join(format!("{stem}.key")),
+    };
+    if files.cert.exists() && files.key.exists() {
+        return Ok(files);
+    }
+    ca.member(
+        &stem,
+        &["127.0.0.1".into(), "localhost".into()],
+        Duration::from_secs(5 * 365 * 86_400),
+    )
+    .and_then(|c| c.write(pki, &stem))
+    .map_err(|e| e.to_string())
+}
+
+fn spawn_member(exe: &Path, args: &DevArgs, secrets: &DevSecrets, i: u64) -> Result<Child, String> {
+    let p = ports(args.base_port, i)?;
+    let mut initial = Vec::new();
+    for j in 1..=args.nodes {
+        initial.push(format!(
+            "{j}=https://127.0.0.1:{}",
+            ports(args.base_port, j)?.peer
+        ));
+    }
+    let cert = ensure_member_cert(&secrets.pki, i)?;
     let dir = args.data_dir.join(format!("node-{i}"));
-    std::fs::create_dir_all(&args.data_dir)?;
+    let io = |e: std::io::Error| e.to_string();
+    std::fs::create_dir_all(&args.data_dir).map_err(io)?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(args.data_dir.join(format!("node-{i}.log")))?;
+        .open(args.data_dir.join(format!("node-{i}.log")))
+        .map_err(io)?;
     Command::new(exe)
         .arg("serve")
         .args(["--id", &i.to_string()])
@@ -103,6 +143,23 @@ fn spawn_member(
         .arg(&dir)
         .args(["--listen-client", &format!("127.0.0.1:{}", p.client)])
         .args(["--listen-peer", &format!("127.0.0.1:{}", p.peer)])
+        .args(["--advertise-peer", &format!("https://127.0.0.1:{}", p.peer)])
+        .arg("--peer-cert-file")
+        .arg(&cert.cert)
+        .arg("--peer-key-file")
+        .arg(&cert.key)
+        .arg("--peer-trusted-ca-file")
+        .arg(secrets.pki.join(crate::certs::CA_CERT))
+        .args(if args.client_tls {
+            vec![
+                "--client-cert-file".into(),
+                cert.cert.clone().into_os_string(),
+                "--client-key-file".into(),
+                cert.key.clone().into_os_string(),
+            ]
+        } else {
+            Vec::new()
+        })
         .args(["--listen-metrics", &format!("127.0.0.1:{}", p.metrics)])
         .args(["--initial-cluster", &initial.join(",")])
         .args(["--cluster-token", "raftkv-dev"])
@@ -113,9 +170,10 @@ fn spawn_member(
         .arg("--initial-root-password-file")
         .arg(&secrets.root_password_file)
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
+        .stdout(log.try_clone().map_err(io)?)
         .stderr(log)
         .spawn()
+        .map_err(io)
 }
 
 async fn wait_ready(metrics_port: u16, deadline: Instant) -> bool {
@@ -144,10 +202,20 @@ fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
     r
 }
 
-async fn sample_session(endpoint: &str, token: &str) -> Result<(), String> {
-    let mut kv = KvClient::connect(endpoint.to_string())
-        .await
-        .map_err(|e| e.to_string())?;
+async fn sample_session(endpoint: &str, ca: &Path, token: &str) -> Result<(), String> {
+    let mut ep =
+        tonic::transport::Endpoint::from_shared(endpoint.to_string()).map_err(|e| e.to_string())?;
+    if endpoint.starts_with("https://") {
+        let pem = std::fs::read(ca).map_err(|e| e.to_string())?;
+        ep = ep
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                    .domain_name("localhost"),
+            )
+            .map_err(|e| e.to_string())?;
+    }
+    let mut kv = KvClient::new(ep.connect().await.map_err(|e| e.to_string())?);
     let put = kv
         .put(authed(
             pb::PutRequest {
@@ -254,6 +322,7 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     if args.nodes == 0 || args.nodes > 9 {
         return Err("--nodes must be between 1 and 9".into());
     }
+    ports(args.base_port, args.nodes)?;
     let exe = std::env::current_exe().map_err(|e| format!("locating the raftkv binary: {e}"))?;
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("{}: {e}", args.data_dir.display()))?;
@@ -293,17 +362,28 @@ async fn announce_and_watch(
     children: &mut [Child],
 ) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    for i in 1..=args.nodes {
-        if !wait_ready(ports(args.base_port, i).metrics, deadline).await {
+    let all: Vec<Ports> = (1..=args.nodes)
+        .map(|i| ports(args.base_port, i))
+        .collect::<Result<_, _>>()?;
+    for (i, p) in (1..=args.nodes).zip(&all) {
+        if !wait_ready(p.metrics, deadline).await {
             return Err(format!(
                 "member {i} did not become ready; see {}",
                 args.data_dir.join(format!("node-{i}.log")).display()
             ));
         }
     }
-    let endpoints: Vec<String> = (1..=args.nodes)
-        .map(|i| format!("http://127.0.0.1:{}", ports(args.base_port, i).client))
+    let scheme = if args.client_tls { "https" } else { "http" };
+    let endpoints: Vec<String> = all
+        .iter()
+        .map(|p| format!("{scheme}://127.0.0.1:{}", p.client))
         .collect();
+    let ca = secrets.pki.join(crate::certs::CA_CERT);
+    let etcdctl_tls = if args.client_tls {
+        format!(" --cacert={}", ca.display())
+    } else {
+        String::new()
+    };
     let issuer = TokenIssuer::new(&JwtConfig {
         hs256_secret_file: Some(secrets.jwt_secret.clone()),
         token_ttl: Duration::from_secs(24 * 3600),
@@ -321,10 +401,9 @@ async fn announce_and_watch(
         args.data_dir.display()
     );
     println!();
-    for i in 1..=args.nodes {
-        let p = ports(args.base_port, i);
+    for (i, p) in (1..=args.nodes).zip(&all) {
         println!(
-            "  node-{i}: client http://127.0.0.1:{}  peer http://127.0.0.1:{}  metrics http://127.0.0.1:{}/metrics  log {}",
+            "  node-{i}: client {scheme}://127.0.0.1:{}  peer https://127.0.0.1:{} (mutual TLS)  metrics http://127.0.0.1:{}/metrics  log {}",
             p.client,
             p.peer,
             p.metrics,
@@ -332,7 +411,11 @@ async fn announce_and_watch(
         );
     }
     println!();
-    println!("Every request needs a token (security is on: JWT auth, AES-256-GCM at rest).");
+    println!(
+        "Every request needs a token (security is on: JWT auth, AES-256-GCM at rest, member \
+         certificates between members; CA in {}).",
+        secrets.pki.display()
+    );
     println!("  export RAFTKV_ENDPOINTS={}", endpoints.join(","));
     println!(
         "  export RAFTKV_TOKEN=$(cat {})   # root token, valid 24h",
@@ -343,20 +426,27 @@ async fn announce_and_watch(
         "With etcdctl (user root, password in {}):",
         secrets.root_password_file.display()
     );
+    let bare: Vec<String> = all
+        .iter()
+        .map(|p| format!("127.0.0.1:{}", p.client))
+        .collect();
     println!(
-        "  ETCDCTL_API=3 etcdctl --endpoints={} --user=root:{} put hello world",
-        endpoints.join(","),
+        "  ETCDCTL_API=3 etcdctl --endpoints={}{etcdctl_tls} --user=root:{} put hello world",
+        bare.join(","),
         secrets.root_password
     );
     println!(
-        "  ETCDCTL_API=3 etcdctl --endpoints={} --user=root:{} get hello",
-        endpoints.join(","),
+        "  ETCDCTL_API=3 etcdctl --endpoints={}{etcdctl_tls} --user=root:{} get hello",
+        bare.join(","),
         secrets.root_password
     );
+    if !args.client_tls {
+        println!("  (client TLS is off on loopback; `raftkv dev --client-tls` turns it on)");
+    }
     println!();
     if !args.no_sample {
         println!("Sample session against {}:", endpoints[0]);
-        if let Err(e) = sample_session(&endpoints[0], &token).await {
+        if let Err(e) = sample_session(&endpoints[0], &ca, &token).await {
             println!("  sample session failed: {e}");
         }
         println!();
@@ -374,5 +464,20 @@ async fn announce_and_watch(
                 ));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_past_65535_are_a_clear_error() {
+        let p = ports(2379, 3).unwrap();
+        assert_eq!((p.client, p.peer, p.metrics), (2579, 2580, 9579));
+        let e = ports(61379, 1).err().unwrap();
+        assert!(e.contains("--base-port 61379"), "{e}");
+        assert!(ports(58535, 1).is_ok());
+        assert!(ports(58535, 2).is_err());
     }
 }

@@ -41,6 +41,75 @@ enum Cmd {
     /// Create and rotate encryption keyrings.
     #[command(subcommand)]
     Keyring(KeyringCmd),
+    /// Make a cluster CA and member or client certificates signed by it.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create the CA (`ca.crt`, `ca.key`) in DIR, unless one is there.
+    Ca {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "raftkv CA")]
+        name: String,
+    },
+    /// A member certificate (`NAME.crt`, `NAME.key`) for the peer port, valid for every --host.
+    Member {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Host names or IP addresses the member is reached at (repeatable).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
+    /// A client certificate (`USER.crt`, `USER.key`) with USER as its common name.
+    Client {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
+}
+
+fn certs(cmd: CertsCmd) -> Result<(), String> {
+    use raftkv::certs::Authority;
+    use std::time::Duration;
+    let days = |d: u64| Duration::from_secs(d.saturating_mul(86_400));
+    match cmd {
+        CertsCmd::Ca { dir, name } => {
+            Authority::load_or_create(&dir, &name).map_err(|e| e.to_string())?;
+            println!("CA in {}", dir.join(raftkv::certs::CA_CERT).display());
+        }
+        CertsCmd::Member {
+            dir,
+            name,
+            hosts,
+            days: d,
+        } => {
+            let ca = Authority::load_or_create(&dir, "raftkv CA").map_err(|e| e.to_string())?;
+            let files = ca
+                .member(&name, &hosts, days(d))
+                .and_then(|c| c.write(&dir, &name))
+                .map_err(|e| e.to_string())?;
+            println!("wrote {} and {}", files.cert.display(), files.key.display());
+        }
+        CertsCmd::Client { dir, user, days: d } => {
+            let ca = Authority::load_or_create(&dir, "raftkv CA").map_err(|e| e.to_string())?;
+            let files = ca
+                .client(&user, days(d))
+                .and_then(|c| c.write(&dir, &user))
+                .map_err(|e| e.to_string())?;
+            println!("wrote {} and {}", files.cert.display(), files.key.display());
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -90,6 +159,7 @@ fn main() -> ExitCode {
     telemetry::init(cli.log_format);
     let result: Result<(), String> = match cli.command {
         Cmd::Keyring(k) => keyring(k),
+        Cmd::Certs(c) => certs(c),
         cmd => {
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -105,7 +175,7 @@ fn main() -> ExitCode {
                 match cmd {
                     Cmd::Serve(args) => raftkv::server::run(*args).await.map_err(|e| e.to_string()),
                     Cmd::Dev(args) => raftkv::dev::run(args).await,
-                    Cmd::Keyring(_) => Ok(()),
+                    Cmd::Keyring(_) | Cmd::Certs(_) => Ok(()),
                 }
             })
         }

@@ -27,6 +27,9 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     pub permission_denials: IntCounter,
     pub crypto_errors: IntCounterVec,
+    pub connections: crate::api::connections::ConnCounters,
+    pub watch_ring_bytes: IntGauge,
+    pub peer_refused: IntCounter,
     // Raft
     pub proposals_committed: IntCounter,
     pub proposals_failed: IntCounter,
@@ -135,6 +138,24 @@ impl Metrics {
             permission_denials: counter(
                 "raftkv_auth_permission_denials_total",
                 "Requests refused because the token's roles do not allow them.",
+            ),
+            connections: crate::api::connections::ConnCounters {
+                over_limit: counter(
+                    "raftkv_client_connections_refused_total",
+                    "Client connections closed on accept because --max-client-connections were open.",
+                ),
+                idle_closed: counter(
+                    "raftkv_client_connections_unauthenticated_closed_total",
+                    "Client connections closed for making no authenticated request in time.",
+                ),
+            },
+            watch_ring_bytes: gauge(
+                "raftkv_watch_ring_bytes",
+                "Bytes of recent writes this member keeps for its watch streams (bounded; streams behind it read storage).",
+            ),
+            peer_refused: counter(
+                "raftkv_peer_connections_refused_total",
+                "Peer connections refused in the TLS handshake for their certificate: not from the peer CA, or not a member certificate naming a member.",
             ),
             crypto_errors: reg(
                 &r,

@@ -141,11 +141,52 @@ pub enum RequestOp {
     Txn(TxnRequest),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 pub struct TxnRequest {
     pub compare: Vec<Compare>,
     pub success: Vec<RequestOp>,
     pub failure: Vec<RequestOp>,
+}
+
+/// How deeply transactions may nest. The client API cannot go deeper (protobuf decoding stops
+/// at 100 message levels, two per transaction level); the bound also keeps a decoded log
+/// entry or peer frame from recursing without limit.
+pub const MAX_TXN_DEPTH: usize = 64;
+
+thread_local! {
+    static TXN_DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The wire form of `TxnRequest`; decoding goes through it so that nesting is counted.
+#[derive(Deserialize)]
+#[serde(rename = "TxnRequest")]
+struct TxnRequestRepr {
+    compare: Vec<Compare>,
+    success: Vec<RequestOp>,
+    failure: Vec<RequestOp>,
+}
+
+impl<'de> Deserialize<'de> for TxnRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<TxnRequest, D::Error> {
+        let depth = TXN_DEPTH.with(|c| {
+            let v = c.get() + 1;
+            c.set(v);
+            v
+        });
+        let out = if depth > MAX_TXN_DEPTH {
+            Err(serde::de::Error::custom(format!(
+                "transactions nested deeper than {MAX_TXN_DEPTH} levels"
+            )))
+        } else {
+            TxnRequestRepr::deserialize(d).map(|r| TxnRequest {
+                compare: r.compare,
+                success: r.success,
+                failure: r.failure,
+            })
+        };
+        TXN_DEPTH.with(|c| c.set(c.get().saturating_sub(1)));
+        out
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +211,33 @@ pub struct Principal {
     pub name: String,
     /// Roles named by the token itself.
     pub roles: Vec<String>,
+    /// For a token a member issued to a stored user (`Authenticate`): the user's token revision
+    /// when it was issued. The token is void once the user is deleted, re-created or changes
+    /// password, because the stored user's revision then differs.
+    pub user_rev: Option<u64>,
+}
+
+/// What proves who a caller is, carried with a proposal a follower forwards to the leader so
+/// the leader authenticates and authorizes the caller itself. Never written to the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Credential {
+    /// The caller's JWT, which the leader verifies again.
+    Token(String),
+    /// The common name of a client certificate the forwarding member verified; believed only
+    /// from a member that authenticated itself with its peer certificate.
+    Certificate(String),
+}
+
+/// etcd's largest lease TTL (`MaxLeaseTTL`), in seconds.
+pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
+
+/// Bounds on the work one committed entry can make every replica do. They are constants, not
+/// flags: every replica must reach the same verdict on the same entry.
+pub mod apply_limits {
+    /// Operations in one transaction, counted over every nesting level.
+    pub const MAX_TXN_TOTAL_OPS: usize = 16_384;
+    /// Bytes of range results one write transaction may return.
+    pub const MAX_RESPONSE_BYTES: u64 = 16 << 20;
 }
 
 /// A permission type in etcd's RBAC.
@@ -319,6 +387,14 @@ pub enum ApplyError {
     Encryption(String),
     #[error("etcdserver: mvcc: database space exceeded")]
     NoSpace,
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    #[error(
+        "etcdserver: the ranges of this request return more than {0} bytes; narrow them, use a limit, or read outside a write transaction"
+    )]
+    ResponseTooLarge(u64),
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -392,6 +468,39 @@ mod tests {
         assert_eq!(prefix_end(b"a\xff"), b"b");
         assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
         assert_eq!(prefix_end(b""), vec![0]);
+    }
+
+    #[test]
+    fn decoding_stops_at_the_nesting_bound() {
+        let mut t = TxnRequest::default();
+        for _ in 0..(MAX_TXN_DEPTH - 1) {
+            t = TxnRequest {
+                success: vec![RequestOp::Txn(t)],
+                ..Default::default()
+            };
+        }
+        let bytes = postcard::to_stdvec(&t).unwrap();
+        assert_eq!(postcard::from_bytes::<TxnRequest>(&bytes).unwrap(), t);
+        let deeper = TxnRequest {
+            success: vec![RequestOp::Txn(t)],
+            ..Default::default()
+        };
+        let bytes = postcard::to_stdvec(&deeper).unwrap();
+        assert!(postcard::from_bytes::<TxnRequest>(&bytes).is_err());
+        // A forged frame of a million levels is refused without exhausting the stack.
+        let mut forged = Vec::new();
+        for _ in 0..1_000_000 {
+            // compare: 0 entries; success: 1 entry; RequestOp::Txn (variant 3)
+            forged.extend_from_slice(&[0, 1, 3]);
+        }
+        assert!(postcard::from_bytes::<TxnRequest>(&forged).is_err());
+        // And a refusal leaves the depth count where it was.
+        assert!(
+            postcard::from_bytes::<TxnRequest>(
+                &postcard::to_stdvec(&TxnRequest::default()).unwrap()
+            )
+            .is_ok()
+        );
     }
 
     #[test]

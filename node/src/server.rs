@@ -121,10 +121,44 @@ fn keys_sealing_stored_values(store: &Store, ids: &[u32]) -> Result<Vec<u32>, No
     Ok(found.into_iter().collect())
 }
 
-/// Accepted connections with Nagle's algorithm off: small gRPC frames must not wait for the
-/// peer's delayed ACK (40 ms on Linux).
-fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+/// Runs a background duty for the life of the process, restarting it if it panics: one bad
+/// input must never leave lease expiry or health reporting silently dead.
+pub fn supervise<F, Fut>(name: &'static str, make: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            match tokio::spawn(make()).await {
+                Ok(()) => return,
+                Err(e) if e.is_panic() => {
+                    tracing::error!(task = name, "background task panicked; restarting it");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(_) => return,
+            }
+        }
+    });
+}
+
+/// Makes files this process creates private to its user (the database holds password hashes
+/// and key names), and closes an existing data directory to others.
+fn private_files(data_dir: &std::path::Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: umask only changes the process's file creation mask.
+        unsafe {
+            libc::umask(0o077);
+        }
+        if data_dir.exists()
+            && let Err(e) =
+                std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+        {
+            tracing::warn!(dir = %data_dir.display(), error = %e, "cannot make the data directory private");
+        }
+    }
 }
 
 async fn listen(addr: &str) -> Result<TcpListener, NodeError> {
@@ -135,6 +169,10 @@ async fn listen(addr: &str) -> Result<TcpListener, NodeError> {
             source,
         })
 }
+
+/// HTTP/2 header bytes a client request may carry (tokens are refused above
+/// `jwt::MAX_TOKEN_BYTES`, well below this).
+const MAX_HEADER_LIST_BYTES: u32 = 256 * 1024;
 
 /// Runs the member until a shutdown signal.
 pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
@@ -150,6 +188,14 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
             my_id
         )));
     }
+    if args.client_cert_auth == Some(true) && args.client_trusted_ca_file.is_none() {
+        return Err(NodeError::Config(
+            "--client-cert-auth needs --client-trusted-ca-file: certificates must be verified \
+             before their names are believed"
+                .into(),
+        ));
+    }
+    private_files(&args.data_dir);
     let data = DataDir::claim(&args.data_dir, &args.cluster_token, my_id)?;
     let cluster_id = data.identity.cluster_id;
 
@@ -170,6 +216,7 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
         audience: args.jwt_audience.clone(),
         leeway_seconds: args.jwt_leeway_seconds,
         token_ttl: Duration::from_secs(args.token_ttl_seconds),
+        max_lifetime: Duration::from_secs(args.jwt_max_lifetime_seconds),
     };
     let authn = Authenticator::new(&jwt)?;
 
@@ -192,7 +239,7 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
             m.fsync_batch.observe(n as f64);
         }));
     }
-    let watches = api::watch::WatchHub::default();
+    let watches = api::watch::WatchHub::new(Some(metrics.watch_ring_bytes.clone()));
     let hooks = {
         let ok = metrics.applied_ok.clone();
         let refused = metrics.applied_refused.clone();
@@ -214,10 +261,35 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
         &args.peer_trusted_ca_file,
     ) {
         (Some(c), Some(k), Some(ca)) => {
-            Some((tls::peer_client(c, k, ca)?, tls::server(c, k, Some(ca))?))
+            let identity = Arc::new(tls::PeerIdentity::load(
+                ca,
+                args.peer_cert_allowed_hostname.clone(),
+            )?);
+            let server =
+                tls::PeerServerTls::load(c, k, ca, identity.clone(), metrics.peer_refused.clone())?;
+            Some((tls::peer_client(c, k, ca)?, server, identity))
         }
-        _ => None,
+        _ if args.insecure_peer_plaintext => {
+            tracing::warn!(
+                "the peer port runs WITHOUT TLS (--insecure-peer-plaintext): anyone who can reach \
+                 it can rewrite this cluster's data"
+            );
+            None
+        }
+        _ => {
+            return Err(NodeError::Config(
+                "the peer port needs mutual TLS: give --peer-cert-file, --peer-key-file and \
+                 --peer-trusted-ca-file (`raftkv certs` makes a CA and member certificates), or \
+                 --insecure-peer-plaintext for an experiment on an isolated machine"
+                    .into(),
+            ));
+        }
     };
+    let mut known_peer_hosts: Vec<String> = initial
+        .iter()
+        .filter_map(|(_, url)| tls::url_host(url))
+        .collect();
+    known_peer_hosts.extend(tls::url_host(&args.advertised_peer_url()));
     let consensus = Consensus::start(
         ConsensusConfig {
             node_id: my_id,
@@ -227,7 +299,9 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
             snapshot_threshold: args.snapshot_threshold,
             snapshot_log_keep: args.snapshot_log_keep,
             request_timeout: Duration::from_millis(args.request_timeout_ms),
-            peer_tls: peer_tls.as_ref().map(|(c, _)| c.clone()),
+            peer_tls: peer_tls.as_ref().map(|(c, _, _)| c.clone()),
+            peer_identity: peer_tls.as_ref().map(|(_, _, i)| i.clone()),
+            known_peer_hosts,
         },
         store.clone(),
         executor.clone(),
@@ -242,16 +316,20 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
 
     // Peer port first: other members may be waiting for us.
     let peer_listener = listen(&args.listen_peer).await?;
-    let mut peer_server = Server::builder();
-    if let Some((_, server_tls)) = &peer_tls {
-        peer_server = peer_server
-            .tls_config(server_tls.clone())
-            .map_err(|e| NodeError::Serve(format!("peer TLS: {e}")))?;
-    }
+    let peer_server = Server::builder();
+    let peer_server_tls = match &peer_tls {
+        Some((_, server_tls, _)) => {
+            let c = consensus.clone();
+            server_tls.set_hosts(Arc::new(move || c.member_hosts()));
+            Some(server_tls.config.clone())
+        }
+        None => None,
+    };
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let peer_task = {
+        let mut peer_server = peer_server;
         let router = peer_server.add_service(consensus.peer_service().into_server());
-        let incoming = incoming(peer_listener);
+        let incoming = tls::peer_incoming(peer_listener, peer_server_tls);
         let stop = shutdown.clone();
         tokio::spawn(async move {
             router
@@ -301,6 +379,8 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
     let limits = Limits {
         max_request_bytes: args.max_request_bytes,
         max_txn_ops: args.max_txn_ops,
+        max_txn_total_ops: args.max_txn_total_ops,
+        max_response_bytes: args.max_response_bytes,
         quota_bytes: args.quota_backend_bytes,
     };
     let leases = api::lease::LeaseKeeper::new(consensus.clone(), args.election_timeout());
@@ -314,15 +394,26 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
         watches,
         leases: leases.clone(),
         metrics: metrics.clone(),
+        logins: Default::default(),
         nospace: AtomicBool::new(false),
         client_urls: me.client_urls.clone(),
         name: me.name.clone(),
     });
-    tokio::spawn(leases.run_expiry(api.clone()));
+    consensus.set_gatekeeper(Arc::new(api::forwarded::ForwardedGate::new(api.clone())));
+    {
+        let (leases, api) = (leases.clone(), api.clone());
+        supervise("lease expiry", move || {
+            leases.clone().run_expiry(api.clone())
+        });
+    }
 
     // Client port.
     let client_listener = listen(&args.listen_client).await?;
-    let mut client_server = Server::builder().tcp_nodelay(true);
+    let mut client_server = Server::builder()
+        .tcp_nodelay(true)
+        // Room for any token a client may send, so an oversized one is answered with
+        // Unauthenticated instead of costing the connection.
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES);
     if let (Some(c), Some(k)) = (&args.client_cert_file, &args.client_key_file) {
         let cfg = tls::server(c, k, args.client_trusted_ca_file.as_deref())?;
         client_server = client_server
@@ -337,7 +428,12 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
     };
     let client_task = {
         let router = client_server
-            .layer(api::edge::EdgeLayer::new(authn.clone(), metrics.clone()))
+            .layer(api::edge::EdgeLayer::new(
+                authn.clone(),
+                metrics.clone(),
+                executor.auth().clone(),
+                args.client_cert_auth(),
+            ))
             .add_service(health_service)
             .add_service(
                 KvServer::new(api::kv::KvService::new(api.clone()))
@@ -362,7 +458,12 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
             )
             .add_service(AuthServer::new(api::auth::AuthService::new(api.clone())))
             .add_service(AdminServer::new(api::admin::AdminService::new(api.clone())));
-        let incoming = incoming(client_listener);
+        let incoming = api::connections::incoming(
+            client_listener,
+            args.max_client_connections,
+            Duration::from_secs(args.unauthenticated_connection_timeout_seconds),
+            metrics.connections.clone(),
+        );
         let stop = shutdown.clone();
         tokio::spawn(async move {
             router
@@ -394,14 +495,28 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
         "raftkv member started"
     );
 
-    tokio::spawn(health_loop(consensus.clone(), policy, health_reporter));
-    tokio::spawn(publish_attributes(consensus.clone(), me.clone()));
-    tokio::spawn(quota_loop(api.clone()));
+    {
+        let (c, p, r) = (consensus.clone(), policy.clone(), health_reporter.clone());
+        supervise("health", move || {
+            health_loop(c.clone(), p.clone(), r.clone())
+        });
+    }
+    {
+        let (c, me, a) = (consensus.clone(), me.clone(), authn.clone());
+        supervise("member attributes", move || {
+            publish_attributes(c.clone(), me.clone(), a.clone())
+        });
+    }
+    {
+        let a = api.clone();
+        supervise("quota", move || quota_loop(a.clone()));
+    }
     if args.encryption_keyring_file.is_some() {
-        tokio::spawn(keyring_reload_loop(
-            sealer.clone(),
-            Duration::from_secs(args.encryption_keyring_reload_seconds.max(1)),
-        ));
+        let s = sealer.clone();
+        let every = Duration::from_secs(args.encryption_keyring_reload_seconds.max(1));
+        supervise("keyring reload", move || {
+            keyring_reload_loop(s.clone(), every)
+        });
     }
     if let Some(pw_file) = &args.initial_root_password_file
         && data.identity.initialized
@@ -483,7 +598,7 @@ async fn health_loop(
 }
 
 /// Makes the cluster's record of this member (name, URLs) match how it runs now.
-async fn publish_attributes(consensus: Consensus, me: MemberNode) {
+async fn publish_attributes(consensus: Consensus, me: MemberNode, authn: Authenticator) {
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let s = consensus.status();
@@ -496,11 +611,17 @@ async fn publish_attributes(consensus: Consensus, me: MemberNode) {
             }
             continue;
         }
+        // Off the leader the change travels with this member's own credential when it can sign
+        // one; otherwise the leader accepts it on the strength of the member certificate.
+        let credential = authn.member_caller().ok().map(|c| c.credential);
         match consensus
-            .change_membership(MembershipChange::UpdateNode {
-                id: consensus.id(),
-                node: me.clone(),
-            })
+            .change_membership(
+                MembershipChange::UpdateNode {
+                    id: consensus.id(),
+                    node: me.clone(),
+                },
+                credential,
+            )
             .await
         {
             Ok(()) => {
@@ -554,6 +675,12 @@ async fn seed_root(api: &Api, password_file: &std::path::Path) -> Result<(), Str
     let hash = tokio::task::spawn_blocking(move || crate::auth::password::hash(&password))
         .await
         .map_err(|e| e.to_string())??;
+    // This member may not lead: its change travels to the leader with a credential the leader
+    // verifies, like any client's. A member that cannot sign tokens (only an external issuer's
+    // public key) makes the change itself once it leads, which the bootstrapping member
+    // usually does first.
+    let caller = api.authn.member_caller().ok();
+    let attempts_allowed = if caller.is_some() { 20 } else { 120 };
     for cmd in [
         AuthCommand::UserAdd {
             name: "root".into(),
@@ -567,10 +694,13 @@ async fn seed_root(api: &Api, password_file: &std::path::Path) -> Result<(), Str
     ] {
         let mut attempts = 0;
         loop {
-            match api.propose(None, None, Command::Auth(cmd.clone())).await {
+            match api
+                .propose(caller.as_ref(), None, Command::Auth(cmd.clone()))
+                .await
+            {
                 Ok(_) => break,
                 Err(s) if s.message().contains("already exists") => break,
-                Err(s) if attempts < 20 => {
+                Err(s) if attempts < attempts_allowed => {
                     attempts += 1;
                     tracing::debug!(error = %s.message(), "seeding root user; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -487,24 +487,6 @@ async fn permissions_confine_tokens_to_their_key_ranges() {
     );
 }
 
-fn scan_for(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut hits = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(bytes) = std::fs::read(&p)
-                && bytes.windows(needle.len()).any(|w| w == needle)
-            {
-                hits.push(p.display().to_string());
-            }
-        }
-    }
-    hits
-}
-
 async fn write_markers(c: &Cluster, marker: &str) {
     let mut kv = c.kv(0).await;
     for n in 0..400 {
@@ -552,7 +534,7 @@ async fn plaintext_never_reaches_the_disk() {
             "member {} has snapshot files to scan",
             i + 1
         );
-        let hits = scan_for(c.data_dir(i), marker.as_bytes());
+        let hits = files_containing(c.data_dir(i), marker.as_bytes());
         assert!(
             hits.is_empty(),
             "plaintext found on disk of member {}: {hits:?}",
@@ -567,7 +549,7 @@ async fn plaintext_never_reaches_the_disk() {
     write_markers(&plain, marker).await;
     plain.stop(0);
     assert!(
-        !scan_for(plain.data_dir(0), marker.as_bytes()).is_empty(),
+        !files_containing(plain.data_dir(0), marker.as_bytes()).is_empty(),
         "control: unencrypted data is visible"
     );
 }
@@ -826,10 +808,34 @@ async fn tls_refuses_plaintext_clients_and_peers_without_a_valid_certificate() {
         wrong_ca.is_err(),
         "a peer with a certificate from another CA got through"
     );
-    // With the cluster's CA-signed certificate the TLS handshake passes (the request itself is
-    // then judged by the peer protocol: this one lacks the cluster id).
-    let good = try_peer(Some((certs.client_cert.clone(), certs.client_key.clone()))).await;
-    let s = good.unwrap_err();
+    // A client certificate of the cluster's own CA does not open the peer port either.
+    let client = try_peer(Some((certs.client_cert.clone(), certs.client_key.clone()))).await;
+    assert!(client.is_err(), "a client certificate opened the peer port");
+    // A member's certificate passes the handshake (the request itself is then judged by the
+    // peer protocol: this one lacks the cluster id).
+    let member = member_cert(&c.pki, 1);
+    let ca_pem = c.pki.join(raftkv::certs::CA_CERT);
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            std::fs::read(&ca_pem).unwrap(),
+        ))
+        .domain_name("localhost");
+    tls = tls.identity(tonic::transport::Identity::from_pem(
+        std::fs::read(&member.cert).unwrap(),
+        std::fs::read(&member.key).unwrap(),
+    ));
+    let ch = tonic::transport::Endpoint::from_shared(peer_url.clone())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .timeout(Duration::from_secs(3))
+        .connect_lazy();
+    let s = raftkv_proto::peer::raft_peer_client::RaftPeerClient::new(ch)
+        .read_index(tonic::Request::new(raftkv_proto::peer::Frame {
+            data: vec![],
+        }))
+        .await
+        .unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
     // Plaintext on the peer port fails too.
     let plain_peer = tonic::transport::Endpoint::from_shared(format!(

@@ -428,28 +428,70 @@ impl<'a> Reconciler<'a> {
         if spec.encryption.enabled && spec.encryption.keyring_secret_name.is_none() {
             wanted.push(secrets::keyring(self.kvc));
         }
+        let bad_pki = |name: String| {
+            move |e: raftkv_certs::CertError| Error::Secret {
+                name,
+                reason: e.to_string(),
+            }
+        };
+        let own_peer_pki = spec
+            .tls
+            .as_ref()
+            .and_then(|t| t.peer_secret_name.as_ref())
+            .is_none();
+        if own_peer_pki && api.get_opt(&self.names.peer_ca_secret()).await?.is_none() {
+            wanted.push(secrets::peer_ca(self.kvc).map_err(bad_pki(self.names.peer_ca_secret()))?);
+        }
         for s in wanted {
             let name = s.metadata.name.clone().unwrap_or_default();
             if api.get_opt(&name).await?.is_some() {
                 continue;
             }
-            match api.create(&PostParams::default(), &s).await {
-                Ok(_) => {
-                    publish(
-                        self.ctx,
-                        self.kvc,
-                        EventType::Normal,
-                        "SecretCreated",
-                        "Create",
-                        format!("generated Secret {name}"),
-                    )
-                    .await;
-                }
-                Err(kube::Error::Api(e)) if e.code == 409 => {}
-                Err(e) => return Err(e.into()),
-            }
+            self.create_secret(&api, &s, "").await?;
+        }
+        if own_peer_pki && api.get_opt(&self.names.peer_tls_secret()).await?.is_none() {
+            // Member certificates from the CA as stored (whoever created it).
+            let ca_name = self.names.peer_ca_secret();
+            let ca = api.get(&ca_name).await?;
+            let field = |k: &str| {
+                secret_field(&ca, k)
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| Error::Secret {
+                        name: ca_name.clone(),
+                        reason: format!("has no {k}"),
+                    })
+            };
+            let tls = secrets::peer_tls(
+                self.kvc,
+                &field(secrets::CA_CERT_KEY)?,
+                &field(secrets::CA_KEY_KEY)?,
+            )
+            .map_err(bad_pki(self.names.peer_tls_secret()))?;
+            self.create_secret(&api, &tls, " (member certificates for the peer port)")
+                .await?;
         }
         Ok(())
+    }
+
+    /// Creates a generated Secret unless someone did first, with an Event saying so.
+    async fn create_secret(&self, api: &Api<Secret>, s: &Secret, what: &str) -> Result<()> {
+        let name = s.metadata.name.clone().unwrap_or_default();
+        match api.create(&PostParams::default(), s).await {
+            Ok(_) => {
+                publish(
+                    self.ctx,
+                    self.kvc,
+                    EventType::Normal,
+                    "SecretCreated",
+                    "Create",
+                    format!("generated Secret {name}{what}"),
+                )
+                .await;
+                Ok(())
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn apply_objects(&self, bootstrapped: bool) -> Result<()> {
@@ -614,16 +656,10 @@ impl<'a> Reconciler<'a> {
         status: &mut KVClusterStatus,
     ) -> Result<()> {
         let kvc = self.kvc;
-        let peer_tls = kvc
-            .spec
-            .tls
-            .as_ref()
-            .and_then(|t| t.peer_secret_name.as_ref())
-            .is_some();
         let (reason, note) = match step {
             Step::SetPods(n) => ("Scaling", format!("set the StatefulSet to {n} pods")),
             Step::AddLearner(k) => {
-                let url = self.names.peer_url(*k, peer_tls);
+                let url = self.names.peer_url(*k);
                 members(cluster)?.add_learner(id_of(*k), &url).await?;
                 (
                     "MemberAdded",

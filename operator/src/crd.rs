@@ -203,7 +203,10 @@ pub struct TlsSpec {
     /// Secret (type kubernetes.io/tls, plus `ca.crt`) for the client port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_secret_name: Option<String>,
-    /// Secret (type kubernetes.io/tls, plus `ca.crt`) for the peer port; mutual TLS.
+    /// Secret (`tls.crt`, `tls.key`, `ca.crt`) for the peer port, which always runs mutual
+    /// TLS: one certificate for every member, valid for `*.<name>-peer.<namespace>.svc` as TLS
+    /// server and client (a cert-manager Certificate's Secret fits). When absent, the operator
+    /// generates a CA and a certificate for each member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_secret_name: Option<String>,
 }

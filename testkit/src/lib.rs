@@ -2,6 +2,7 @@
 //! talk to them.
 
 use raftkv::auth::jwt::{JwtConfig, TokenIssuer};
+use raftkv::certs::Authority;
 use raftkv::crypto::Keyring;
 use raftkv_proto::etcdserverpb as pb;
 use raftkv_proto::etcdserverpb::kv_client::KvClient;
@@ -63,12 +64,16 @@ pub struct Options {
     pub extra_args: Vec<String>,
     /// Token verification flags replacing the default `--jwt-secret-file <generated secret>`.
     pub auth_args: Option<Vec<String>>,
-    /// Serve TLS on the client port and mutual TLS on the peer port, with generated certificates.
+    /// Serve TLS on the client port (the peer port always runs mutual TLS with member
+    /// certificates, unless `insecure_peer`).
     pub tls: bool,
+    /// Run the peer port without TLS (`--insecure-peer-plaintext`).
+    pub insecure_peer: bool,
 }
 
-/// Certificates made with openssl for a test cluster: a CA, a member certificate valid for
-/// 127.0.0.1 and localhost (used for both ports), and a client certificate.
+/// Certificates for a test cluster: a CA, a member certificate valid for 127.0.0.1 and
+/// localhost (the client port's certificate under `tls`), and a client certificate (client use
+/// only, CN `raftkv client`).
 #[derive(Clone, Debug)]
 pub struct CertFiles {
     pub ca: PathBuf,
@@ -79,95 +84,51 @@ pub struct CertFiles {
     pub client_key: PathBuf,
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl is required for TLS tests");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Issues a CA and certificates signed by it under `dir` (names prefixed with `prefix`).
 pub fn make_certs(dir: &Path, prefix: &str) -> CertFiles {
-    let f = |n: &str| format!("{prefix}{n}");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=raftkv test CA",
-            "-keyout",
-            &f("ca-key.pem"),
-            "-out",
-            &f("ca.pem"),
-        ],
-    );
-    let ext = dir.join(f("san.ext"));
-    std::fs::write(
-        &ext,
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
-    )
-    .unwrap();
-    for (name, cn) in [("node", "raftkv member"), ("client", "raftkv client")] {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-subj",
-                &format!("/CN={cn}"),
-                "-keyout",
-                &f(&format!("{name}-key.pem")),
-                "-out",
-                &f(&format!("{name}.csr")),
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &f(&format!("{name}.csr")),
-                "-CA",
-                &f("ca.pem"),
-                "-CAkey",
-                &f("ca-key.pem"),
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                &f("san.ext"),
-                "-out",
-                &f(&format!("{name}.pem")),
-            ],
-        );
-    }
+    let pki = dir.join(format!("{prefix}pki"));
+    let ca = Authority::load_or_create(&pki, "raftkv test CA").expect("test CA");
+    let day = Duration::from_secs(86_400);
+    let node = ca
+        .member(
+            "raftkv member",
+            &["127.0.0.1".into(), "localhost".into()],
+            day,
+        )
+        .and_then(|c| c.write(&pki, "node"))
+        .expect("member certificate");
+    let client = ca
+        .client("raftkv client", day)
+        .and_then(|c| c.write(&pki, "client"))
+        .expect("client certificate");
     CertFiles {
-        ca: dir.join(f("ca.pem")),
-        ca_key: dir.join(f("ca-key.pem")),
-        cert: dir.join(f("node.pem")),
-        key: dir.join(f("node-key.pem")),
-        client_cert: dir.join(f("client.pem")),
-        client_key: dir.join(f("client-key.pem")),
+        ca: pki.join(raftkv::certs::CA_CERT),
+        ca_key: pki.join(raftkv::certs::CA_KEY),
+        cert: node.cert,
+        key: node.key,
+        client_cert: client.cert,
+        client_key: client.key,
     }
+}
+
+/// Member `id`'s certificate for the peer port, signed by the cluster CA in `pki`.
+pub fn member_cert(pki: &Path, id: u64) -> raftkv::certs::IssuedFiles {
+    let ca = Authority::load_or_create(pki, "raftkv test CA").expect("test CA");
+    let stem = format!("member-{id}");
+    let files = raftkv::certs::IssuedFiles {
+        cert: pki.join(format!("{stem}.crt")),
+        key: pki.join(format!("{stem}.key")),
+    };
+    if files.cert.exists() {
+        return files;
+    }
+    ca.member(
+        &stem,
+        &["127.0.0.1".into(), "localhost".into()],
+        Duration::from_secs(86_400),
+    )
+    .and_then(|c| c.write(pki, &stem))
+    .expect("member certificate")
 }
 
 impl Default for Options {
@@ -180,6 +141,7 @@ impl Default for Options {
             extra_args: Vec::new(),
             auth_args: None,
             tls: false,
+            insecure_peer: false,
         }
     }
 }
@@ -196,6 +158,8 @@ pub struct Cluster {
     pub token: String,
     pub cluster_token: String,
     pub certs: Option<CertFiles>,
+    /// The cluster CA and the members' peer certificates.
+    pub pki: PathBuf,
 }
 
 /// Path of a workspace binary (`raftkv`, `kvctl`) next to the running test's target directory,
@@ -243,6 +207,8 @@ impl Cluster {
         .unwrap();
         let token = issuer.issue("admin", &["root".into()], None).unwrap();
         let certs = opts.tls.then(|| make_certs(root.path(), ""));
+        let pki = root.path().join("pki");
+        Authority::load_or_create(&pki, "raftkv test CA").expect("test CA");
         let members = (1..=opts.nodes)
             .map(|id| Member {
                 id,
@@ -268,20 +234,70 @@ impl Cluster {
             token,
             cluster_token: "test-cluster".into(),
             certs,
+            pki,
         };
         for i in 0..c.members.len() {
             c.spawn(i);
         }
         c.wait_ready(Duration::from_secs(60));
+        c.wait_root_user(Duration::from_secs(30));
         c
     }
 
-    pub fn initial_cluster(&self) -> String {
-        let scheme = if self.certs.is_some() {
-            "https"
-        } else {
+    /// Waits until the `root` user the cluster seeds exists (it is created just after the
+    /// members become ready), so password logins work from the first test step.
+    pub fn wait_root_user(&self, timeout: Duration) {
+        // The harness's own token only works with the default verification flags and port.
+        if self.certs.is_some() || self.opts.auth_args.is_some() {
+            return;
+        }
+        let endpoint = self.endpoint(0);
+        let token = self.token.clone();
+        // Tests call this from inside their own runtime: ask from a thread of its own.
+        let found = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let deadline = Instant::now() + timeout;
+                while Instant::now() < deadline {
+                    let mut auth = raftkv_proto::etcdserverpb::auth_client::AuthClient::new(
+                        channel(&endpoint).await,
+                    );
+                    let req = authed(
+                        pb::AuthUserGetRequest {
+                            name: "root".into(),
+                        },
+                        &token,
+                    );
+                    if auth.user_get(req).await.is_ok() {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                false
+            })
+        })
+        .join()
+        .unwrap_or(false);
+        assert!(
+            found,
+            "the root user was not created; log:\n{}",
+            self.log_tail(0)
+        );
+    }
+
+    pub fn peer_scheme(&self) -> &'static str {
+        if self.opts.insecure_peer {
             "http"
-        };
+        } else {
+            "https"
+        }
+    }
+
+    pub fn initial_cluster(&self) -> String {
+        let scheme = self.peer_scheme();
         self.members
             .iter()
             .map(|m| format!("{}={scheme}://127.0.0.1:{}", m.id, m.ports.peer))
@@ -334,9 +350,15 @@ impl Cluster {
         if let Some(c) = &self.certs {
             cmd.arg("--client-cert-file").arg(&c.cert);
             cmd.arg("--client-key-file").arg(&c.key);
-            cmd.arg("--peer-cert-file").arg(&c.cert);
-            cmd.arg("--peer-key-file").arg(&c.key);
-            cmd.arg("--peer-trusted-ca-file").arg(&c.ca);
+        }
+        if self.opts.insecure_peer {
+            cmd.arg("--insecure-peer-plaintext");
+        } else {
+            let peer = member_cert(&self.pki, m.id);
+            cmd.arg("--peer-cert-file").arg(&peer.cert);
+            cmd.arg("--peer-key-file").arg(&peer.key);
+            cmd.arg("--peer-trusted-ca-file")
+                .arg(self.pki.join(raftkv::certs::CA_CERT));
             cmd.args([
                 "--advertise-peer",
                 &format!("https://127.0.0.1:{}", m.ports.peer),
@@ -493,6 +515,100 @@ impl Cluster {
         self.issuer.issue(subject, &roles, None).unwrap()
     }
 
+    /// A token for `subject` that expires after `ttl`.
+    pub fn issue_for(&self, subject: &str, roles: &[&str], ttl: Duration) -> String {
+        let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+        self.issuer.issue(subject, &roles, Some(ttl)).unwrap()
+    }
+
+    pub async fn auth(
+        &self,
+        i: usize,
+    ) -> raftkv_proto::etcdserverpb::auth_client::AuthClient<Channel> {
+        raftkv_proto::etcdserverpb::auth_client::AuthClient::new(self.channel(i).await)
+    }
+
+    pub async fn lease(
+        &self,
+        i: usize,
+    ) -> raftkv_proto::etcdserverpb::lease_client::LeaseClient<Channel> {
+        raftkv_proto::etcdserverpb::lease_client::LeaseClient::new(self.channel(i).await)
+    }
+
+    pub async fn watch(
+        &self,
+        i: usize,
+    ) -> raftkv_proto::etcdserverpb::watch_client::WatchClient<Channel> {
+        raftkv_proto::etcdserverpb::watch_client::WatchClient::new(self.channel(i).await)
+    }
+
+    /// Opens a watch stream on member `i` for every key under `prefix` from `start_revision`
+    /// (0: from now), and returns it once created, with the sender that keeps it open.
+    pub async fn open_watch(
+        &self,
+        i: usize,
+        prefix: &str,
+        start_revision: i64,
+        token: &str,
+    ) -> (
+        tonic::Streaming<pb::WatchResponse>,
+        tokio::sync::mpsc::Sender<pb::WatchRequest>,
+    ) {
+        let mut w = self.watch(i).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(pb::WatchRequest {
+            request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+                pb::WatchCreateRequest {
+                    key: prefix.into(),
+                    range_end: raftkv::model::prefix_end(prefix.as_bytes()),
+                    start_revision,
+                    ..Default::default()
+                },
+            )),
+        })
+        .await
+        .expect("watch request queued");
+        let mut stream = w
+            .watch(authed(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                token,
+            ))
+            .await
+            .expect("watch opened")
+            .into_inner();
+        let created = stream
+            .message()
+            .await
+            .expect("watch answers")
+            .expect("open");
+        assert!(created.created && !created.canceled, "{created:?}");
+        (stream, tx)
+    }
+
+    /// The cluster id members put in response headers (and expect on the peer port).
+    pub async fn cluster_id(&self) -> u64 {
+        self.status(0)
+            .await
+            .and_then(|s| s.header)
+            .map(|h| h.cluster_id)
+            .expect("status with a header")
+    }
+
+    /// Resident memory of member `i`'s process, in bytes.
+    pub fn rss_bytes(&self, i: usize) -> u64 {
+        let pid = self.members[i].child.as_ref().map(|c| c.id()).unwrap_or(0);
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
+    }
+
     pub async fn kv(&self, i: usize) -> KvClient<Channel> {
         KvClient::new(self.channel(i).await)
     }
@@ -622,4 +738,38 @@ pub fn prefix_req(p: &str) -> pb::RangeRequest {
         range_end: raftkv::model::prefix_end(p.as_bytes()),
         ..Default::default()
     }
+}
+
+/// Files under `dir` (recursively) whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                hits.push(p.display().to_string());
+            }
+        }
+    }
+    hits
+}
+
+/// A metric's value in Prometheus text (summed over its series), or 0.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

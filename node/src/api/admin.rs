@@ -65,8 +65,8 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::ReencryptRequest>,
     ) -> Result<Response<pb::ReencryptResponse>, Status> {
-        let principal = Api::principal(&req)?;
-        self.api.require_admin(&principal)?;
+        let caller = Api::caller(&req)?;
+        self.api.require_admin(&caller.principal)?;
         let Some((active, _)) = self.api.sealer.active_key() else {
             return Err(Status::failed_precondition(
                 "encryption at rest is not configured on this member (no keyring)",
@@ -88,7 +88,7 @@ impl Admin for AdminService {
             let key = self.api.sealing_key()?;
             let (out, _) = self
                 .api
-                .propose(Some(principal.clone()), key, Command::Reencrypt(items))
+                .propose(Some(&caller), key, Command::Reencrypt(items))
                 .await?;
             let replaced = match out {
                 ApplyOutput::Reencrypted { replaced } => replaced,

@@ -4,9 +4,10 @@
 
 use super::convert::{perm_out, perm_type_in};
 use super::{Api, status};
+use crate::auth::Caller;
 use crate::auth::password;
 use crate::model::{AuthCommand, Command, Permission, Principal};
-use crate::storage::auth_state::{AuthSource, ROOT};
+use crate::storage::auth_state::{AuthSource, ROOT, User};
 use raftkv_proto::etcdserverpb as pb;
 use raftkv_proto::etcdserverpb::auth_server::Auth;
 use tonic::{Request, Response, Status};
@@ -22,12 +23,12 @@ impl AuthService {
 
     async fn change(
         &self,
-        principal: Principal,
+        caller: Caller,
         cmd: AuthCommand,
     ) -> Result<Option<pb::ResponseHeader>, Status> {
         let (_, rev) = self
             .api
-            .propose(Some(principal), None, Command::Auth(cmd))
+            .propose(Some(&caller), None, Command::Auth(cmd))
             .await?;
         Ok(self.api.header(rev))
     }
@@ -112,7 +113,7 @@ impl Auth for AuthService {
         &self,
         req: Request<pb::AuthEnableRequest>,
     ) -> Result<Response<pb::AuthEnableResponse>, Status> {
-        let p = Api::principal(&req)?;
+        let p = Api::caller(&req)?;
         Ok(Response::new(pb::AuthEnableResponse {
             header: self.change(p, AuthCommand::Enable).await?,
         }))
@@ -122,7 +123,7 @@ impl Auth for AuthService {
         &self,
         req: Request<pb::AuthDisableRequest>,
     ) -> Result<Response<pb::AuthDisableResponse>, Status> {
-        let p = Api::principal(&req)?;
+        let p = Api::caller(&req)?;
         Ok(Response::new(pb::AuthDisableResponse {
             header: self.change(p, AuthCommand::Disable).await?,
         }))
@@ -147,7 +148,9 @@ impl Auth for AuthService {
         &self,
         req: Request<pb::AuthenticateRequest>,
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
+        let from = super::connections::remote_of(&req).map(|a| a.ip());
         let r = req.into_inner();
+        self.api.logins.admit(from)?;
         self.api.linearize().await?;
         let store = self.api.consensus.store();
         if !store.enabled().map_err(|e| status::from_storage(&e))? {
@@ -155,6 +158,7 @@ impl Auth for AuthService {
         }
         let user = store.user(&r.name).map_err(|e| status::from_storage(&e))?;
         let fail = || {
+            self.api.logins.failed(from);
             self.api
                 .metrics
                 .auth_failures
@@ -163,19 +167,33 @@ impl Auth for AuthService {
             tracing::info!(user = %r.name, "refused a login with a wrong user name or password");
             Status::invalid_argument(status::AUTH_FAILED)
         };
-        let Some(hash) = user.and_then(|u| u.password_hash) else {
-            return Err(fail());
+        // An unknown user (or one without a password) costs the same bcrypt verification as a
+        // known one, so the answer's timing does not tell which user names exist.
+        let (hash, token_rev) = match &user {
+            Some(User {
+                password_hash: Some(h),
+                token_rev,
+                ..
+            }) => (Some(h.clone()), *token_rev),
+            _ => (None, 0),
         };
         let password = r.password.clone();
-        let ok = tokio::task::spawn_blocking(move || password::verify(&password, &hash))
+        let ok = self
+            .api
+            .logins
+            .verify(password, hash)
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         if !ok {
             return Err(fail());
         }
-        let token = self.api.authn.issue(&r.name, &[]).map_err(|e| {
-            Status::failed_precondition(format!("etcdserver: cannot issue a token: {e}"))
-        })?;
+        let token = self
+            .api
+            .authn
+            .issue_bound(&r.name, &[], Some(token_rev))
+            .map_err(|e| {
+                Status::failed_precondition(format!("etcdserver: cannot issue a token: {e}"))
+            })?;
         Ok(Response::new(pb::AuthenticateResponse {
             header: self.api.header(0),
             token,
@@ -186,10 +204,10 @@ impl Auth for AuthService {
         &self,
         req: Request<pb::AuthUserAddRequest>,
     ) -> Result<Response<pb::AuthUserAddResponse>, Status> {
-        let p = Api::principal(&req)?;
+        let p = Api::caller(&req)?;
         let r = req.into_inner();
         require_name(&r.name, status::USER_EMPTY)?;
-        self.api.require_admin(&p)?;
+        self.api.require_admin(&p.principal)?;
         let no_password = r.options.map(|o| o.no_password).unwrap_or(false);
         let password_hash = self
             .hash(r.password, r.hashed_password, no_password)
@@ -211,9 +229,9 @@ impl Auth for AuthService {
         &self,
         req: Request<pb::AuthUserGetRequest>,
     ) -> Result<Response<pb::AuthUserGetResponse>, Status> {
-        let p = Api::principal(&req)?;
+        let p = Api::caller(&req)?;
         let name = req.into_inner().name;
-        self.may_read(&p, Some(&name), None)?;
+        self.may_read(&p.principal, Some(&name), None)?;
         let user = self
             .api
             .consensus
@@ -231,8 +249,8 @@ impl Auth for AuthService {
         &self,
         req: Request<pb::AuthUserListRequest>,
     ) -> Result<Response<pb::AuthUserListResponse>, Status> {
-        let p = Api::principal(&req)?;
-        self.may_read(&p, None, None)?;
+        let p = Api::caller(&req)?;
+        self.may_read(&p.principal, None, None)?;
         Ok(Response::new(pb::AuthUserListResponse {
             header: self.api.header(0),
             users: self
@@ -248,7 +266,7 @@ impl Auth for AuthService {
         &self,
         req: Request<pb::AuthUserDeleteRequest>,
     ) -> Result<Response<pb::AuthUserDeleteResponse>, Status> {
-        let p = Api::principal(&req)?;
+        let p = Api::caller(&req)?;
         let name = req.into_inner().name;
         require_name(&name, status::USER_EMPTY)?;
         Ok(Response::new(pb::AuthUserDeleteResponse {
@@ -260,10 +278,10 @@ impl Auth for AuthService {
         &self,
         req: Request<pb::AuthUserChangePasswordRequest>,
     ) -> Result<Response<pb::AuthUserChangePasswordResponse>, Status> {
-        let p = Api::principal(&req)?;
+        let p = Api::caller(&req)?;
         let r = req.into_inner();
         require_name(&r.name, status::USER_EMPTY)?;
-        self.api.require_admin(&p)?;
+        self.api.require_admin(&p.principal)?;
         let Some(password_hash) = self.hash(r.password, r.hashed_password, false).await? else {
             return Err(status::invalid("etcdserver: a password is required"));
         };
@@ -284,7 +302,7 @@ impl Auth for AuthService {
         &self,
         req: Request<pb::AuthUserGrantRoleRequest>,
     ) -> Result<Response<pb::AuthUserGrantRoleResponse>, Status> {
-        let p = Api::principal(&req)?;
+        let p = Api::caller(&req)?;
         let r = req.into_inner();
         require_name(&r.user, status::USER_EMPTY)?;
         require_name(&r.role, status::ROLE_EMPTY)?;
@@ -305,7 +323,7 @@ impl Auth for AuthService {
         &self,
         req: Request<pb::AuthUserRevokeRoleRequest>,
     ) -> Result<Response<pb::AuthUserRevokeRoleResponse>, Status> {
-        let p = Api::principal(&req)?;
+        let p = Api::caller(&req)?;
         let r = req.into_inner();
         require_name(&r.name, status::USER_EMPTY)?;
         Ok(Response::new(pb::AuthUserRevokeRoleResponse {
@@ -325,7 +343,7 @@ impl Auth for AuthService {
         &self,
         req: Request<pb::AuthRoleAddRequest>,
     ) -> Result<Response<pb::AuthRoleAddResponse>, Status> {
-        let p = Api::principal(&req)?;
+        let p = Api::caller(&req)?;
         let name = req.into_inner().name;
         require_name(&name, status::ROLE_EMPTY)?;
         Ok(Response::new(pb::AuthRoleAddResponse {
@@ -337,9 +355,9 @@ impl Auth for AuthService {
         &self,
         req: Request<pb::AuthRoleGetRequest>,
     ) -> Result<Response<pb::AuthRoleGetResponse>, Status> {
-        let p = Api::principal(&req)?;
+        let p = Api::caller(&req)?;
         let name = req.into_inner().role;
-        self.may_read(&p, None, Some(&name))?;
+        self.may_read(&p.principal, None, Some(&name))?;
         let perms = if name == ROOT {
             Vec::new()
         } else {
@@ -361,8 +379,8 @@ impl Auth for AuthService {
         &self,
         req: Request<pb::AuthRoleListRequest>,
     ) -> Result<Response<pb::AuthRoleListResponse>, Status> {
-        let p = Api::principal(&req)?;
-        self.may_read(&p, None, None)?;
+        let p = Api::caller(&req)?;
+        self.may_read(&p.principal, None, None)?;
         Ok(Response::new(pb::AuthRoleListResponse {
             header: self.api.header(0),
             roles: self
@@ -378,7 +396,7 @@ impl Auth for AuthService {
         &self,
         req: Request<pb::AuthRoleDeleteRequest>,
     ) -> Result<Response<pb::AuthRoleDeleteResponse>, Status> {
-        let p = Api::principal(&req)?;
+        let p = Api::caller(&req)?;
         let name = req.into_inner().role;
         require_name(&name, status::ROLE_EMPTY)?;
         Ok(Response::new(pb::AuthRoleDeleteResponse {
@@ -390,7 +408,7 @@ impl Auth for AuthService {
         &self,
         req: Request<pb::AuthRoleGrantPermissionRequest>,
     ) -> Result<Response<pb::AuthRoleGrantPermissionResponse>, Status> {
-        let p = Api::principal(&req)?;
+        let p = Api::caller(&req)?;
         let r = req.into_inner();
         require_name(&r.name, status::ROLE_EMPTY)?;
         let perm = r
@@ -415,7 +433,7 @@ impl Auth for AuthService {
         &self,
         req: Request<pb::AuthRoleRevokePermissionRequest>,
     ) -> Result<Response<pb::AuthRoleRevokePermissionResponse>, Status> {
-        let p = Api::principal(&req)?;
+        let p = Api::caller(&req)?;
         let r = req.into_inner();
         require_name(&r.role, status::ROLE_EMPTY)?;
         Ok(Response::new(pb::AuthRoleRevokePermissionResponse {

@@ -2,6 +2,7 @@
 //! one at a time through Raft (learners first, promoted once caught up).
 
 use super::{Api, status};
+use crate::auth::Caller;
 use crate::consensus::{MemberNode, MembershipChange, NodeId, NodeStatus};
 use raftkv_proto::etcdserverpb as pb;
 use raftkv_proto::etcdserverpb::cluster_server::Cluster;
@@ -64,10 +65,10 @@ impl ClusterService {
         Ok(members_out(&self.api.consensus.status()))
     }
 
-    async fn change(&self, change: MembershipChange) -> Result<(), Status> {
+    async fn change(&self, caller: &Caller, change: MembershipChange) -> Result<(), Status> {
         self.api
             .consensus
-            .change_membership(change)
+            .change_membership(change, Some(caller.credential.clone()))
             .await
             .map_err(|e| status::from_propose(&e))
     }
@@ -79,8 +80,8 @@ impl Cluster for ClusterService {
         &self,
         req: Request<pb::MemberAddRequest>,
     ) -> Result<Response<pb::MemberAddResponse>, Status> {
-        let principal = Api::principal(&req)?;
-        self.api.require_admin(&principal)?;
+        let caller = Api::caller(&req)?;
+        self.api.require_admin(&caller.principal)?;
         let r = req.into_inner();
         let [peer_url] = r.peer_ur_ls.as_slice() else {
             return Err(status::invalid(
@@ -116,7 +117,7 @@ impl Cluster for ClusterService {
                 node: node.clone(),
             }
         };
-        self.change(change).await?;
+        self.change(&caller, change).await?;
         tracing::info!(member = id, %peer_url, learner = r.is_learner, "member added");
         Ok(Response::new(pb::MemberAddResponse {
             header: self.api.header(0),
@@ -129,8 +130,8 @@ impl Cluster for ClusterService {
         &self,
         req: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
-        let principal = Api::principal(&req)?;
-        self.api.require_admin(&principal)?;
+        let caller = Api::caller(&req)?;
+        self.api.require_admin(&caller.principal)?;
         let id = req.into_inner().id;
         let s = self.api.consensus.status();
         if !s.nodes.contains_key(&id) {
@@ -141,7 +142,8 @@ impl Cluster for ClusterService {
                 "etcdserver: re-configuration failed: cannot remove the last voting member",
             ));
         }
-        self.change(MembershipChange::Remove { id }).await?;
+        self.change(&caller, MembershipChange::Remove { id })
+            .await?;
         tracing::info!(member = id, "member removed");
         Ok(Response::new(pb::MemberRemoveResponse {
             header: self.api.header(0),
@@ -153,8 +155,8 @@ impl Cluster for ClusterService {
         &self,
         req: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
-        let principal = Api::principal(&req)?;
-        self.api.require_admin(&principal)?;
+        let caller = Api::caller(&req)?;
+        self.api.require_admin(&caller.principal)?;
         let r = req.into_inner();
         let [peer_url] = r.peer_ur_ls.as_slice() else {
             return Err(status::invalid(status::BAD_URLS));
@@ -174,7 +176,7 @@ impl Cluster for ClusterService {
             peer_url: peer_url.clone(),
             ..node.clone()
         };
-        self.change(MembershipChange::UpdateNode { id: r.id, node })
+        self.change(&caller, MembershipChange::UpdateNode { id: r.id, node })
             .await?;
         Ok(Response::new(pb::MemberUpdateResponse {
             header: self.api.header(0),
@@ -200,8 +202,8 @@ impl Cluster for ClusterService {
         &self,
         req: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
-        let principal = Api::principal(&req)?;
-        self.api.require_admin(&principal)?;
+        let caller = Api::caller(&req)?;
+        self.api.require_admin(&caller.principal)?;
         let id = req.into_inner().id;
         let s = self.api.consensus.status();
         if !s.nodes.contains_key(&id) {
@@ -210,7 +212,8 @@ impl Cluster for ClusterService {
         if !s.learners.contains(&id) {
             return Err(Status::failed_precondition(status::NOT_LEARNER));
         }
-        self.change(MembershipChange::Promote { id }).await?;
+        self.change(&caller, MembershipChange::Promote { id })
+            .await?;
         tracing::info!(member = id, "learner promoted to voter");
         Ok(Response::new(pb::MemberPromoteResponse {
             header: self.api.header(0),

@@ -104,10 +104,14 @@ fn compare_in(c: pb::Compare) -> Result<Compare, Status> {
         Ok(T::Create) => CompareTarget::Create(num(&c.target_union)),
         Ok(T::Mod) => CompareTarget::Mod(num(&c.target_union)),
         Ok(T::Lease) => CompareTarget::Lease(num(&c.target_union)),
-        Ok(T::Value) => CompareTarget::Value(match c.target_union {
-            Some(U::Value(v)) => v,
-            _ => Vec::new(),
-        }),
+        // Operands are kept as envelopes, like stored values: the write path seals them
+        // before they enter the log.
+        Ok(T::Value) => {
+            CompareTarget::Value(crate::crypto::envelope::plain(&match c.target_union {
+                Some(U::Value(v)) => v,
+                _ => Vec::new(),
+            }))
+        }
         Err(_) => {
             return Err(invalid(&format!(
                 "etcdserver: unknown compare target {} (expected VERSION, CREATE, MOD, VALUE or LEASE)",

@@ -7,7 +7,7 @@
 
 use super::convert;
 use super::{Api, status, validate};
-use crate::model::{ApplyOutput, Command, PermType, RequestOp, TxnRequest};
+use crate::model::{ApplyOutput, Command, CompareTarget, PermType, RequestOp, TxnRequest};
 use crate::storage::mvcc::{self, Authorizer};
 use raftkv_proto::etcdserverpb as pb;
 use raftkv_proto::etcdserverpb::kv_server::Kv;
@@ -23,8 +23,13 @@ impl KvService {
     }
 }
 
-/// Seals every put value in a transaction, on every path.
+/// Seals every put value and every VALUE compare operand in a transaction, on every path.
 fn seal_txn(api: &Api, t: &mut TxnRequest) -> Result<(), Status> {
+    for c in &mut t.compare {
+        if let CompareTarget::Value(operand) = &mut c.target {
+            *operand = api.seal_operand(&c.key, operand)?;
+        }
+    }
     for op in t.success.iter_mut().chain(t.failure.iter_mut()) {
         match op {
             RequestOp::Put(p) if !p.ignore_value => p.value = api.seal(&p.key, &p.value)?,
@@ -81,7 +86,7 @@ impl Kv for KvService {
             return Err(status::denied());
         }
         let result = view
-            .range(&r, &self.api.sealer)
+            .range(&r, &self.api.sealer, &mut self.api.read_budget())
             .map_err(|e| status::from_read(&e))?;
         drop(view);
         let header = self.api.header(result.revision);
@@ -95,7 +100,7 @@ impl Kv for KvService {
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
-        let principal = Api::principal(&req)?;
+        let caller = Api::caller(&req)?;
         self.api.check_size(req.get_ref())?;
         self.api.check_space()?;
         let mut p = convert::put_in(req.into_inner())?;
@@ -108,7 +113,7 @@ impl Kv for KvService {
         };
         let (out, revision) = self
             .api
-            .propose(Some(principal), key, Command::Put(p))
+            .propose(Some(&caller), key, Command::Put(p))
             .await?;
         let ApplyOutput::Put(result) = out else {
             return Err(Status::internal("unexpected put result"));
@@ -125,12 +130,12 @@ impl Kv for KvService {
         &self,
         req: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
-        let principal = Api::principal(&req)?;
+        let caller = Api::caller(&req)?;
         self.api.check_size(req.get_ref())?;
         let d = convert::delete_in(req.into_inner())?;
         let (out, revision) = self
             .api
-            .propose(Some(principal), None, Command::Delete(d))
+            .propose(Some(&caller), None, Command::Delete(d))
             .await?;
         let ApplyOutput::Delete(result) = out else {
             return Err(Status::internal("unexpected delete result"));
@@ -144,12 +149,16 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
-        let principal = Api::principal(&req)?;
+        let caller = Api::caller(&req)?;
         self.api.check_size(req.get_ref())?;
         let raw = req.into_inner();
         let serializable = all_ranges_serializable(&raw);
         let t = convert::txn_in(raw)?;
-        validate::check_txn(&t, self.api.limits.max_txn_ops)?;
+        validate::check_txn(
+            &t,
+            self.api.limits.max_txn_ops,
+            self.api.limits.max_txn_total_ops,
+        )?;
         let open = self.opener();
         if mvcc::txn_is_read_only(&t) {
             if !serializable {
@@ -161,13 +170,13 @@ impl Kv for KvService {
                 .store()
                 .read_view()
                 .map_err(|e| status::from_storage(&e))?;
-            let grants = self.api.grants(&principal);
+            let grants = self.api.grants(&caller.principal);
             if !mvcc::authorize_op(&grants, &RequestOp::Txn(t.clone())) {
                 self.api.metrics.permission_denials.inc();
                 return Err(status::denied());
             }
             let result = view
-                .read_txn(&t, &self.api.sealer)
+                .read_txn(&t, &self.api.sealer, &mut self.api.read_budget())
                 .map_err(|e| status::from_read(&e))?;
             let revision = view.revision;
             drop(view);
@@ -184,7 +193,7 @@ impl Kv for KvService {
         seal_txn(&self.api, &mut sealed)?;
         let (out, revision) = self
             .api
-            .propose(Some(principal), key, Command::Txn(sealed))
+            .propose(Some(&caller), key, Command::Txn(sealed))
             .await?;
         let ApplyOutput::Txn(result) = out else {
             return Err(Status::internal("unexpected txn result"));
@@ -201,11 +210,11 @@ impl Kv for KvService {
         &self,
         req: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
-        let principal = Api::principal(&req)?;
+        let caller = Api::caller(&req)?;
         let revision = req.into_inner().revision;
         let (_, rev) = self
             .api
-            .propose(Some(principal), None, Command::Compact { revision })
+            .propose(Some(&caller), None, Command::Compact { revision })
             .await?;
         tracing::info!(revision, "compacted");
         Ok(Response::new(pb::CompactionResponse {

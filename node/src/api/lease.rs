@@ -4,7 +4,8 @@
 
 use super::{Api, status};
 use crate::consensus::{Consensus, LeaderHandler};
-use crate::model::{ApplyOutput, Command};
+use crate::model::{ApplyOutput, Command, MAX_LEASE_TTL, PermType};
+use crate::storage::mvcc::Authorizer;
 use futures::{Stream, StreamExt};
 use raftkv_proto::etcdserverpb as pb;
 use raftkv_proto::etcdserverpb::lease_server::Lease;
@@ -26,6 +27,21 @@ struct Clock {
     /// The term in which `deadlines` was loaded; a new term reloads it.
     term: u64,
     deadlines: HashMap<i64, Instant>,
+}
+
+/// When a lease granted `ttl` seconds at `now` expires. TTLs are bounded when granted, but a
+/// deadline past what the clock can represent still means "not in this process's lifetime",
+/// never an overflow.
+fn deadline(now: Instant, ttl: i64) -> Instant {
+    let ttl = Duration::from_secs(ttl.clamp(0, MAX_LEASE_TTL) as u64);
+    now.checked_add(ttl)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
+}
+
+/// Locks a mutex even if a thread panicked while holding it: the clock is rebuilt from the
+/// replicated leases on every tick, so a half-updated one heals by itself.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The leader's expiry clock for leases.
@@ -76,17 +92,16 @@ impl LeaseKeeper {
         let stored = self.stored()?;
         let term = self.consensus.term();
         let now = Instant::now();
-        if let Ok(mut c) = self.clock.lock() {
-            if c.term != term {
-                c.term = term;
-                c.deadlines.clear();
-            }
-            c.deadlines.retain(|id, _| stored.contains_key(id));
-            for (id, ttl) in &stored {
-                c.deadlines
-                    .entry(*id)
-                    .or_insert(now + Duration::from_secs(*ttl as u64));
-            }
+        let mut c = lock(&self.clock);
+        if c.term != term {
+            c.term = term;
+            c.deadlines.clear();
+        }
+        c.deadlines.retain(|id, _| stored.contains_key(id));
+        for (id, ttl) in &stored {
+            c.deadlines
+                .entry(*id)
+                .or_insert_with(|| deadline(now, *ttl));
         }
         Ok(stored)
     }
@@ -96,19 +111,15 @@ impl LeaseKeeper {
         let Some(ttl) = stored.get(&id) else {
             return Ok(0);
         };
-        if let Ok(mut c) = self.clock.lock() {
-            c.deadlines
-                .insert(id, Instant::now() + Duration::from_secs(*ttl as u64));
-        }
+        lock(&self.clock)
+            .deadlines
+            .insert(id, deadline(Instant::now(), *ttl));
         Ok(*ttl)
     }
 
     fn remaining_local(&self, id: i64) -> Result<i64, crate::storage::StorageError> {
         self.sync_clock()?;
-        let c = self
-            .clock
-            .lock()
-            .map_err(|_| crate::storage::StorageError::Other("lease clock poisoned".into()))?;
+        let c = lock(&self.clock);
         Ok(match c.deadlines.get(&id) {
             Some(d) => d
                 .saturating_duration_since(Instant::now())
@@ -128,31 +139,28 @@ impl LeaseKeeper {
         postcard::from_bytes(&resp).map_err(|e| Status::internal(e.to_string()))
     }
 
-    /// Revokes expired leases while this node leads. Runs until the process ends.
+    /// Revokes expired leases while this node leads. Runs until the process ends (under
+    /// `supervise`, which restarts it should it ever panic).
     pub async fn run_expiry(self, api: Api) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             tick.tick().await;
             if !self.consensus.is_leader() {
-                if let Ok(mut c) = self.clock.lock() {
-                    c.term = 0;
-                    c.deadlines.clear();
-                }
+                let mut c = lock(&self.clock);
+                c.term = 0;
+                c.deadlines.clear();
                 continue;
             }
             if self.sync_clock().is_err() {
                 continue;
             }
             let now = Instant::now();
-            let expired: Vec<i64> = match self.clock.lock() {
-                Ok(c) => c
-                    .deadlines
-                    .iter()
-                    .filter(|(_, d)| **d <= now)
-                    .map(|(id, _)| *id)
-                    .collect(),
-                Err(_) => continue,
-            };
+            let expired: Vec<i64> = lock(&self.clock)
+                .deadlines
+                .iter()
+                .filter(|(_, d)| **d <= now)
+                .map(|(id, _)| *id)
+                .collect();
             for id in expired {
                 match api.propose(None, None, Command::LeaseRevoke { id }).await {
                     Ok(_) => tracing::info!(lease = id, "lease expired and was revoked"),
@@ -184,8 +192,13 @@ impl Lease for LeaseService {
         &self,
         req: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
-        let principal = Api::principal(&req)?;
+        let caller = Api::caller(&req)?;
         let r = req.into_inner();
+        if r.ttl > MAX_LEASE_TTL {
+            return Err(Status::out_of_range(
+                crate::model::ApplyError::LeaseTtlTooLarge.to_string(),
+            ));
+        }
         let id = if r.id == 0 {
             (rand::random::<u64>() >> 1).max(1) as i64
         } else {
@@ -197,7 +210,7 @@ impl Lease for LeaseService {
         let ttl = r.ttl.max(self.api.leases.min_ttl);
         let (out, rev) = self
             .api
-            .propose(Some(principal), None, Command::LeaseGrant { id, ttl })
+            .propose(Some(&caller), None, Command::LeaseGrant { id, ttl })
             .await?;
         let ApplyOutput::LeaseGranted { id, ttl } = out else {
             return Err(Status::internal("unexpected lease grant result"));
@@ -214,11 +227,11 @@ impl Lease for LeaseService {
         &self,
         req: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
-        let principal = Api::principal(&req)?;
+        let caller = Api::caller(&req)?;
         let id = req.into_inner().id;
         let (_, rev) = self
             .api
-            .propose(Some(principal), None, Command::LeaseRevoke { id })
+            .propose(Some(&caller), None, Command::LeaseRevoke { id })
             .await?;
         Ok(Response::new(pb::LeaseRevokeResponse {
             header: self.api.header(rev),
@@ -261,7 +274,7 @@ impl Lease for LeaseService {
         &self,
         req: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
-        Api::principal(&req)?;
+        let principal = Api::principal(&req)?;
         let r = req.into_inner();
         let ttl = self
             .api
@@ -281,8 +294,17 @@ impl Lease for LeaseService {
             .find(|(id, _)| *id == r.id)
             .map(|(_, t)| t);
         let keys = if r.keys && granted.is_some() {
-            view.lease_keys(r.id)
-                .map_err(|e| status::from_storage(&e))?
+            let keys = view
+                .lease_keys(r.id)
+                .map_err(|e| status::from_storage(&e))?;
+            // Key names are data too: listing them needs read permission on every one, as in
+            // etcd since CVE-2023-32082.
+            let grants = self.api.grants(&principal);
+            if !keys.iter().all(|k| grants.permits(PermType::Read, k, b"")) {
+                self.api.metrics.permission_denials.inc();
+                return Err(status::denied());
+            }
+            keys
         } else {
             Vec::new()
         };

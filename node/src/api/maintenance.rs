@@ -217,7 +217,8 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<pb::MoveLeaderRequest>,
     ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
-        let principal = Api::principal(&req)?;
+        let caller = Api::caller(&req)?;
+        let principal = caller.principal.clone();
         self.api.require_admin(&principal)?;
         let to = req.into_inner().target_id;
         let s = self.api.consensus.status();
@@ -229,7 +230,10 @@ impl Maintenance for MaintenanceService {
         if s.leader != Some(to) {
             self.api
                 .consensus
-                .change_membership(MembershipChange::TransferLeader { to })
+                .change_membership(
+                    MembershipChange::TransferLeader { to },
+                    Some(caller.credential.clone()),
+                )
                 .await
                 .map_err(|e| status::from_propose(&e))?;
             tracing::info!(to, "leadership transferred");

@@ -4,8 +4,10 @@
 pub mod admin;
 pub mod auth;
 pub mod cluster;
+pub mod connections;
 pub mod convert;
 pub mod edge;
+pub mod forwarded;
 pub mod kv;
 pub mod lease;
 pub mod maintenance;
@@ -13,12 +15,13 @@ pub mod status;
 pub mod validate;
 pub mod watch;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Caller};
 use crate::consensus::{Consensus, Proposed};
 use crate::crypto::Sealer;
 use crate::metrics::Metrics;
 use crate::model::{ApplyOutput, Command, Principal, Proposal, SealKey};
 use crate::storage::auth_state::Grants;
+use crate::storage::mvcc::Budget;
 use raftkv_proto::etcdserverpb as pb;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +34,10 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// `--max-txn-ops`: most operations per transaction level (default 128).
     pub max_txn_ops: usize,
+    /// `--max-txn-total-ops`: most operations in one transaction over all its levels.
+    pub max_txn_total_ops: usize,
+    /// `--max-response-bytes`: most bytes of key-values one read may gather.
+    pub max_response_bytes: u64,
     /// `--quota-backend-bytes`: writes are refused (NOSPACE alarm) above this database size.
     pub quota_bytes: u64,
 }
@@ -40,6 +47,8 @@ impl Default for Limits {
         Limits {
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
+            max_txn_total_ops: 1024,
+            max_response_bytes: 1 << 30,
             quota_bytes: 8 << 30,
         }
     }
@@ -61,6 +70,8 @@ pub struct ApiInner {
     pub watches: watch::WatchHub,
     pub leases: lease::LeaseKeeper,
     pub metrics: Arc<Metrics>,
+    /// Limits password guessing.
+    pub logins: crate::auth::logins::LoginGuard,
     /// Set while the database is over its quota (etcd's NOSPACE alarm).
     pub nospace: AtomicBool,
     /// Advertised client URLs and name of this member.
@@ -84,10 +95,20 @@ impl Api {
 
     /// The principal the edge layer attached to this request.
     pub fn principal<T>(req: &Request<T>) -> Result<Principal, Status> {
+        Self::caller(req).map(|c| c.principal)
+    }
+
+    /// Who made this request and what proved it, as the edge layer established.
+    pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
         req.extensions()
-            .get::<Principal>()
+            .get::<Caller>()
             .cloned()
             .ok_or_else(|| status::unauthenticated(&crate::auth::jwt::TokenError::Missing))
+    }
+
+    /// What one read may gather (`--max-response-bytes`).
+    pub fn read_budget(&self) -> Budget {
+        Budget::new(self.limits.max_response_bytes)
     }
 
     pub fn header(&self, revision: i64) -> Option<pb::ResponseHeader> {
@@ -156,6 +177,21 @@ impl Api {
         })
     }
 
+    pub fn seal_operand(&self, key: &[u8], operand: &[u8]) -> Result<Vec<u8>, Status> {
+        let plain = crate::crypto::Sealer::disabled()
+            .open_operand(key, operand)
+            .map_err(|e| Status::internal(format!("etcdserver: compare operand: {e}")))?;
+        self.sealer.seal_operand(key, &plain).map_err(|e| {
+            self.metrics
+                .crypto_errors
+                .with_label_values(&["encrypt"])
+                .inc();
+            Status::internal(format!(
+                "etcdserver: encrypting a compare operand failed: {e}"
+            ))
+        })
+    }
+
     /// Refuses requests larger than `--max-request-bytes` (measured as encoded on the wire).
     pub fn check_size(&self, msg: &impl prost::Message) -> Result<(), Status> {
         if msg.encoded_len() > self.limits.max_request_bytes {
@@ -172,22 +208,29 @@ impl Api {
         Ok(())
     }
 
-    /// Proposes a command and returns its output and revision, mapping refusals to statuses.
+    /// Proposes a command for `caller` and returns its output and revision, mapping refusals
+    /// to statuses. `None` is the leader's own housekeeping (lease expiry), which a follower
+    /// cannot forward.
     pub async fn propose(
         &self,
-        principal: Option<Principal>,
+        caller: Option<&Caller>,
         key: Option<SealKey>,
         command: Command,
     ) -> Result<(ApplyOutput, i64), Status> {
         let proposal = Proposal {
-            principal,
+            principal: caller.map(|c| c.principal.clone()),
             key,
             command,
         };
-        let Proposed { response, .. } = self.consensus.propose(proposal).await.map_err(|e| {
-            self.metrics.proposals_failed.inc();
-            status::from_propose(&e)
-        })?;
+        let credential = caller.map(|c| c.credential.clone());
+        let Proposed { response, .. } = self
+            .consensus
+            .propose(proposal, credential)
+            .await
+            .map_err(|e| {
+                self.metrics.proposals_failed.inc();
+                status::from_propose(&e)
+            })?;
         match response.result {
             Ok(out) => Ok((out, response.revision)),
             Err(e) => {

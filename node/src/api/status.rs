@@ -67,7 +67,9 @@ pub fn from_apply(e: &ApplyError) -> Status {
             AuthErrorCode::FailedPrecondition => Status::failed_precondition(msg),
         },
         ApplyError::Encryption(_) => Status::failed_precondition(msg),
-        ApplyError::NoSpace => Status::resource_exhausted(msg),
+        ApplyError::NoSpace | ApplyError::ResponseTooLarge(_) => Status::resource_exhausted(msg),
+        ApplyError::TooManyOps => Status::invalid_argument(msg),
+        ApplyError::LeaseTtlTooLarge => Status::out_of_range(msg),
     }
 }
 
@@ -77,6 +79,8 @@ pub fn from_propose(e: &ProposeError) -> Status {
         ProposeError::OutcomeUnknown(_) => Status::unavailable(e.to_string()),
         ProposeError::Unavailable(_) | ProposeError::Stopped => Status::unavailable(e.to_string()),
         ProposeError::Rejected(m) => Status::failed_precondition(format!("etcdserver: {m}")),
+        ProposeError::Unauthenticated(m) => Status::unauthenticated(m.clone()),
+        ProposeError::PermissionDenied => Status::permission_denied(PERMISSION_DENIED),
     }
 }
 

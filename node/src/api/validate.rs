@@ -8,8 +8,13 @@ use tonic::Status;
 
 type Interval = (Vec<u8>, Option<Vec<u8>>);
 
-pub fn check_txn(t: &TxnRequest, max_ops: usize) -> Result<(), Status> {
+/// `max_ops` bounds each level (etcd's `--max-txn-ops`); `max_total` bounds the operations over
+/// every level together, which nesting would otherwise multiply.
+pub fn check_txn(t: &TxnRequest, max_ops: usize, max_total: usize) -> Result<(), Status> {
     check_ops(t, max_ops)?;
+    if crate::storage::mvcc::txn_total_ops(t) > max_total {
+        return Err(invalid(status::TOO_MANY_OPS));
+    }
     check_intervals(&t.success)?;
     check_intervals(&t.failure)?;
     Ok(())
@@ -92,12 +97,12 @@ mod tests {
             success: vec![put("a"), put("b")],
             ..Default::default()
         };
-        assert!(check_txn(&ok, 128).is_ok());
+        assert!(check_txn(&ok, 128, 1024).is_ok());
         let dup = TxnRequest {
             success: vec![put("a"), put("a")],
             ..Default::default()
         };
-        assert!(check_txn(&dup, 128).is_err());
+        assert!(check_txn(&dup, 128, 1024).is_err());
         let overlap = TxnRequest {
             success: vec![
                 RequestOp::Delete(DeleteRequest {
@@ -109,7 +114,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        assert!(check_txn(&overlap, 128).is_err());
+        assert!(check_txn(&overlap, 128, 1024).is_err());
         let branches = TxnRequest {
             success: vec![RequestOp::Txn(TxnRequest {
                 success: vec![put("x")],
@@ -118,11 +123,29 @@ mod tests {
             })],
             ..Default::default()
         };
-        assert!(check_txn(&branches, 128).is_ok());
+        assert!(check_txn(&branches, 128, 1024).is_ok());
         let many = TxnRequest {
             success: (0..5).map(|i| put(&i.to_string())).collect(),
             ..Default::default()
         };
-        assert!(check_txn(&many, 4).is_err());
+        assert!(check_txn(&many, 4, 1024).is_err());
+        // Nesting cannot multiply past the total bound.
+        let mut deep = TxnRequest::default();
+        for _ in 0..12 {
+            deep = TxnRequest {
+                success: (0..100)
+                    .map(|i| {
+                        RequestOp::Range(crate::model::RangeRequest {
+                            key: i.to_string().into(),
+                            ..Default::default()
+                        })
+                    })
+                    .chain([RequestOp::Txn(deep)])
+                    .collect(),
+                ..Default::default()
+            };
+        }
+        assert!(check_txn(&deep, 128, 100_000).is_ok());
+        assert!(check_txn(&deep, 128, 1024).is_err());
     }
 }

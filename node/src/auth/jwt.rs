@@ -32,7 +32,13 @@ pub struct JwtConfig {
     pub leeway_seconds: u64,
     /// Lifetime of tokens issued by `Authenticate`.
     pub token_ttl: Duration,
+    /// Longest lifetime a token may have left when presented (`exp` − now); tokens minted to
+    /// last longer are refused. Zero means the default (24 hours).
+    pub max_lifetime: Duration,
 }
+
+/// The longest token lifetime accepted unless configured otherwise.
+pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum JwtSetupError {
@@ -75,6 +81,16 @@ pub enum TokenError {
     WrongAudience,
     #[error("token claims are invalid: {0}")]
     InvalidClaims(String),
+    #[error("token lives too long: it expires in {0} s, more than the {1} s this cluster accepts")]
+    LifetimeTooLong(u64, u64),
+    #[error("token is too large ({0} bytes; at most {1})")]
+    TooLarge(usize, usize),
+    #[error(
+        "token was issued to a user that has since been deleted, re-created or changed password"
+    )]
+    Revoked,
+    #[error("the client certificate's common name {0:?} names no user")]
+    UnknownCertificateUser(String),
 }
 
 impl TokenError {
@@ -89,8 +105,20 @@ impl TokenError {
             TokenError::WrongIssuer => "issuer",
             TokenError::WrongAudience => "audience",
             TokenError::InvalidClaims(_) => "claims",
+            TokenError::LifetimeTooLong(..) => "lifetime",
+            TokenError::TooLarge(..) => "too_large",
+            TokenError::Revoked => "revoked",
+            TokenError::UnknownCertificateUser(_) => "certificate_user",
         }
     }
+}
+
+/// An `aud` claim: RFC 7519 allows one string or an array of strings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// The claims raftkv reads; `iss`, `aud`, `nbf` are checked by the validator from the raw JSON.
@@ -105,9 +133,20 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
     #[serde(default)]
     pub roles: Vec<String>,
+    /// Set in tokens a member issues to a stored user: that user's token revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub urev: Option<u64>,
+}
+
+/// A verified token: who it speaks for and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub principal: Principal,
+    /// `exp`, seconds since the epoch.
+    pub exp: u64,
 }
 
 struct CachedToken {
@@ -118,6 +157,10 @@ struct CachedToken {
 
 const CACHE_LIMIT: usize = 16_384;
 
+/// Tokens longer than this are refused before any parsing (HTTP/2 header limits are set above
+/// it, so such a token gets an answer instead of a dropped connection).
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
 /// Verifies tokens. Verified tokens are cached until they expire, so a client reusing its token
 /// costs a hash lookup rather than a signature check.
 pub struct TokenVerifier {
@@ -125,6 +168,7 @@ pub struct TokenVerifier {
     issuer: Option<String>,
     audience: Option<String>,
     leeway: u64,
+    max_lifetime: u64,
     cache: Mutex<HashMap<String, CachedToken>>,
 }
 
@@ -184,6 +228,11 @@ impl TokenVerifier {
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
             leeway: cfg.leeway_seconds,
+            max_lifetime: if cfg.max_lifetime.is_zero() {
+                DEFAULT_MAX_TOKEN_LIFETIME.as_secs()
+            } else {
+                cfg.max_lifetime.as_secs()
+            },
             cache: Mutex::new(HashMap::new()),
         })
     }
@@ -194,7 +243,10 @@ impl TokenVerifier {
     }
 
     /// Verifies a token and returns who it speaks for.
-    pub fn verify(&self, token: &str) -> Result<Principal, TokenError> {
+    pub fn verify(&self, token: &str) -> Result<Verified, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge(token.len(), MAX_TOKEN_BYTES));
+        }
         let now = now_secs();
         if let Ok(cache) = self.cache.lock()
             && let Some(c) = cache.get(token)
@@ -208,12 +260,20 @@ impl TokenVerifier {
             {
                 return Err(TokenError::NotYetValid);
             }
-            return Ok(c.principal.clone());
+            return Ok(Verified {
+                principal: c.principal.clone(),
+                exp: c.exp,
+            });
         }
         let claims = self.verify_uncached(token)?;
+        let left = claims.exp.saturating_sub(now);
+        if left > self.max_lifetime.saturating_add(self.leeway) {
+            return Err(TokenError::LifetimeTooLong(left, self.max_lifetime));
+        }
         let principal = Principal {
             name: claims.sub.clone(),
             roles: claims.roles.clone(),
+            user_rev: claims.urev,
         };
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= CACHE_LIMIT {
@@ -231,7 +291,10 @@ impl TokenVerifier {
                 },
             );
         }
-        Ok(principal)
+        Ok(Verified {
+            principal,
+            exp: claims.exp,
+        })
     }
 
     fn verify_uncached(&self, token: &str) -> Result<Claims, TokenError> {
@@ -243,7 +306,15 @@ impl TokenVerifier {
         v.leeway = self.leeway;
         v.validate_exp = true;
         v.validate_nbf = true;
-        v.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience is required, not merely checked when present.
+        let mut required = vec!["exp", "sub"];
+        if self.issuer.is_some() {
+            required.push("iss");
+        }
+        if self.audience.is_some() {
+            required.push("aud");
+        }
+        v.set_required_spec_claims(&required);
         match &self.audience {
             Some(a) => v.set_audience(&[a]),
             None => v.validate_aud = false,
@@ -362,6 +433,17 @@ impl TokenIssuer {
         roles: &[String],
         ttl: Option<Duration>,
     ) -> Result<String, String> {
+        self.issue_bound(subject, roles, ttl, None)
+    }
+
+    /// Issues a token bound to a stored user's token revision (see `Principal::user_rev`).
+    pub fn issue_bound(
+        &self,
+        subject: &str,
+        roles: &[String],
+        ttl: Option<Duration>,
+        user_rev: Option<u64>,
+    ) -> Result<String, String> {
         let now = now_secs();
         let claims = Claims {
             sub: subject.to_string(),
@@ -369,8 +451,9 @@ impl TokenIssuer {
             nbf: None,
             iat: Some(now),
             iss: self.issuer.clone(),
-            aud: self.audience.clone(),
+            aud: self.audience.clone().map(Audience::One),
             roles: roles.to_vec(),
+            urev: user_rev,
         };
         jsonwebtoken::encode(&Header::new(self.alg), &claims, &self.key).map_err(|e| e.to_string())
     }
@@ -414,7 +497,7 @@ mod tests {
             let _ = header_alg(&s);
             if s != good && v.verify(&s).is_ok() {
                 // A mutation that still verifies must decode to the same claims (base64 slack).
-                assert_eq!(v.verify(&s).unwrap().name, "alice");
+                assert_eq!(v.verify(&s).unwrap().principal.name, "alice");
             }
         }
     }
@@ -426,8 +509,8 @@ mod tests {
         let v = TokenVerifier::new(&cfg).unwrap();
         let t = issuer.issue("alice", &["reader".into()], None).unwrap();
         let p = v.verify(&t).unwrap();
-        assert_eq!(p.name, "alice");
-        assert_eq!(p.roles, vec!["reader".to_string()]);
+        assert_eq!(p.principal.name, "alice");
+        assert_eq!(p.principal.roles, vec!["reader".to_string()]);
         // Cached path gives the same answer.
         assert_eq!(v.verify(&t).unwrap(), p);
 
@@ -460,6 +543,56 @@ mod tests {
         .unwrap();
         assert!(matches!(
             v.verify(&string_exp),
+            Err(TokenError::InvalidClaims(_))
+        ));
+        let forever = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": "a", "exp": u64::MAX}),
+            &EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
+        )
+        .unwrap();
+        assert!(matches!(
+            v.verify(&forever),
+            Err(TokenError::LifetimeTooLong(..))
+        ));
+        assert!(matches!(
+            v.verify(&"a".repeat(MAX_TOKEN_BYTES + 1)),
+            Err(TokenError::TooLarge(..))
+        ));
+    }
+
+    #[test]
+    fn configured_issuer_and_audience_are_required_and_audience_arrays_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut cfg, _) = setup(dir.path());
+        cfg.issuer = Some("https://issuer".into());
+        cfg.audience = Some("raftkv".into());
+        let v = TokenVerifier::new(&cfg).unwrap();
+        let key = EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
+        let sign = |c: serde_json::Value| {
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &c, &key).unwrap()
+        };
+        let exp = now_secs() + 60;
+        let full = sign(
+            serde_json::json!({"sub": "a", "exp": exp, "iss": "https://issuer", "aud": "raftkv"}),
+        );
+        assert!(v.verify(&full).is_ok());
+        let array = sign(
+            serde_json::json!({"sub": "a", "exp": exp, "iss": "https://issuer", "aud": ["other", "raftkv"]}),
+        );
+        assert!(v.verify(&array).is_ok(), "{:?}", v.verify(&array));
+        let wrong = sign(
+            serde_json::json!({"sub": "a", "exp": exp, "iss": "https://issuer", "aud": ["other"]}),
+        );
+        assert_eq!(v.verify(&wrong), Err(TokenError::WrongAudience));
+        let no_iss = sign(serde_json::json!({"sub": "a", "exp": exp, "aud": "raftkv"}));
+        assert!(matches!(
+            v.verify(&no_iss),
+            Err(TokenError::InvalidClaims(_))
+        ));
+        let no_aud = sign(serde_json::json!({"sub": "a", "exp": exp, "iss": "https://issuer"}));
+        assert!(matches!(
+            v.verify(&no_aud),
             Err(TokenError::InvalidClaims(_))
         ));
     }

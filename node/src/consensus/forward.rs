@@ -9,7 +9,7 @@
 use super::network::PeerChannels;
 use super::types::{decode, encode};
 use super::{ForwardError, ProposeError, Proposed, is_connect_failure};
-use crate::model::Proposal;
+use crate::model::{Credential, Proposal};
 use futures::StreamExt;
 use futures::channel::{mpsc, oneshot};
 use raftkv_proto::peer::Frame;
@@ -18,8 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// A proposal on the wire: the follower's id for it, then the proposal.
-pub(super) type StreamRequest = (u64, Proposal);
+/// A proposal on the wire: the follower's id for it, what proves who the caller is (the leader
+/// checks it again and authorizes the proposal itself), then the proposal.
+pub(super) type StreamRequest = (u64, Option<Credential>, Proposal);
 /// An answer on the wire: the id it answers, then what the leader's `propose` returned.
 pub(super) type StreamAnswer = (u64, Result<Proposed, ProposeError>);
 
@@ -27,12 +28,7 @@ pub(super) type StreamAnswer = (u64, Result<Proposed, ProposeError>);
 pub(super) const LEADER_IN_FLIGHT: usize = 4096;
 
 /// What a waiting caller is told.
-#[derive(Clone)]
-enum Answer {
-    Done(Result<Proposed, ForwardError>),
-    /// The leader has no proposal stream (nothing was taken): fall back to unary calls.
-    NoStream,
-}
+type Answer = Result<Proposed, ForwardError>;
 
 type Waiter = oneshot::Sender<Answer>;
 
@@ -52,14 +48,6 @@ struct ProposalStream {
 #[derive(Default)]
 pub(super) struct Forwarder {
     current: Mutex<Option<Arc<ProposalStream>>>,
-    /// Leaders found not to speak the stream (an older version during a rolling upgrade).
-    unary_only: Mutex<Option<String>>,
-}
-
-/// What `Forwarder::forward` needs the caller to do instead.
-pub(super) enum Fallback {
-    /// The leader does not have the stream: use the unary call.
-    Unary,
 }
 
 impl Forwarder {
@@ -68,78 +56,51 @@ impl Forwarder {
         &self,
         channels: &PeerChannels,
         url: &str,
+        credential: Option<&Credential>,
         proposal: &Proposal,
         timeout: Duration,
-    ) -> Result<Result<Proposed, ForwardError>, Fallback> {
-        if self.is_unary_only(url) {
-            return Err(Fallback::Unary);
-        }
+    ) -> Result<Proposed, ForwardError> {
         let stream = match self.stream_to(channels, url) {
             Ok(s) => s,
-            Err(e) => return Ok(Err(ForwardError::Failed(ProposeError::Unavailable(e)))),
+            Err(e) => return Err(ForwardError::Failed(ProposeError::Unavailable(e))),
         };
         let id = stream.next_id.fetch_add(1, Ordering::Relaxed);
-        let data = match encode(&(id, proposal)) {
+        let data = match encode(&(id, credential, proposal)) {
             Ok(d) => d,
-            Err(e) => {
-                return Ok(Err(ForwardError::Failed(ProposeError::Rejected(
-                    e.to_string(),
-                ))));
-            }
+            Err(e) => return Err(ForwardError::Failed(ProposeError::Rejected(e.to_string()))),
         };
         let (tx, rx) = oneshot::channel();
         {
             let Ok(mut pending) = stream.pending.lock() else {
-                return Ok(Err(ForwardError::NotDelivered));
+                return Err(ForwardError::NotDelivered);
             };
             let Some(map) = pending.as_mut() else {
                 // The stream ended before this proposal was queued on it.
                 self.drop_stream(&stream);
-                return Ok(Err(ForwardError::NotDelivered));
+                return Err(ForwardError::NotDelivered);
             };
             if stream.tx.unbounded_send(Frame { data }).is_err() {
                 self.drop_stream(&stream);
-                return Ok(Err(ForwardError::NotDelivered));
+                return Err(ForwardError::NotDelivered);
             }
             map.insert(id, tx);
         }
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Answer::NoStream)) => {
-                self.mark_unary_only(url);
-                Err(Fallback::Unary)
-            }
-            Ok(Ok(Answer::Done(answer))) => Ok(answer),
+            Ok(Ok(answer)) => answer,
             // The stream's reader went away without answering (it always answers first).
-            Ok(Err(_)) => Ok(Err(ForwardError::Failed(ProposeError::OutcomeUnknown(
+            Ok(Err(_)) => Err(ForwardError::Failed(ProposeError::OutcomeUnknown(
                 "the stream to the leader closed before it answered".into(),
-            )))),
+            ))),
             Err(_) => {
                 if let Ok(mut pending) = stream.pending.lock()
                     && let Some(map) = pending.as_mut()
                 {
                     map.remove(&id);
                 }
-                Ok(Err(ForwardError::Failed(ProposeError::OutcomeUnknown(
+                Err(ForwardError::Failed(ProposeError::OutcomeUnknown(
                     "no answer from the leader within the request timeout".into(),
-                ))))
+                )))
             }
-        }
-    }
-
-    fn is_unary_only(&self, url: &str) -> bool {
-        self.unary_only
-            .lock()
-            .map(|u| u.as_deref() == Some(url))
-            .unwrap_or(false)
-    }
-
-    fn mark_unary_only(&self, url: &str) {
-        tracing::info!(
-            leader = url,
-            "leader has no proposal stream; forwarding with unary calls"
-        );
-        if let Ok(mut u) = self.unary_only.lock() {
-            *u = Some(url.to_string());
         }
     }
 
@@ -187,14 +148,13 @@ fn open(channels: &PeerChannels, url: &str) -> Result<Arc<ProposalStream>, Strin
             Ok(resp) => resp.into_inner(),
             Err(status) => {
                 // The leader refused or could not be reached before taking any proposal.
-                let outcome = if status.code() == tonic::Code::Unimplemented {
-                    Answer::NoStream
-                } else if is_connect_failure(&status) {
-                    Answer::Done(Err(ForwardError::NotDelivered))
+                let outcome = if is_connect_failure(&status) {
+                    Err(ForwardError::NotDelivered)
                 } else {
-                    tracing::debug!(leader = %url, error = %status, "proposal stream refused");
-                    Answer::Done(Err(ForwardError::Failed(ProposeError::OutcomeUnknown(
-                        "the leader's proposal stream failed as it opened".into(),
+                    tracing::warn!(leader = %url, error = %status, "proposal stream refused");
+                    Err(ForwardError::Failed(ProposeError::OutcomeUnknown(format!(
+                        "the leader's proposal stream failed as it opened: {}",
+                        status.message()
                     ))))
                 };
                 close(&pending, outcome);
@@ -221,14 +181,14 @@ fn open(channels: &PeerChannels, url: &str) -> Result<Arc<ProposalStream>, Strin
                 .ok()
                 .and_then(|mut p| p.as_mut().and_then(|m| m.remove(&id)));
             if let Some(w) = waiter {
-                let _ = w.send(Answer::Done(ForwardError::from_leader(answer)));
+                let _ = w.send(ForwardError::from_leader(answer));
             }
         }
         close(
             &pending,
-            Answer::Done(Err(ForwardError::Failed(ProposeError::OutcomeUnknown(
+            Err(ForwardError::Failed(ProposeError::OutcomeUnknown(
                 "the connection to the leader was lost with the proposal in flight".into(),
-            )))),
+            ))),
         );
     });
     Ok(stream)

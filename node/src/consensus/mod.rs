@@ -16,12 +16,20 @@ mod suite_tests;
 pub mod types;
 
 pub use network::{CLUSTER_ID_HEADER, PeerChannels};
+
+/// Decodes bytes as each Raft message the peer port accepts (for fuzzing the decoder).
+pub fn decode_raft_messages(data: &[u8]) {
+    let _ = decode::<openraft::raft::AppendEntriesRequest<TypeConfig>>(data);
+    let _ = decode::<openraft::raft::VoteRequest<TypeConfig>>(data);
+    let _ = decode::<openraft::raft::TransferLeaderRequest<TypeConfig>>(data);
+    let _ = decode::<(types::Vote, types::SnapshotMeta)>(data);
+}
 pub use peer::PeerService;
 pub use state_machine::{ApplyHooks, EventSink};
 pub use types::{MemberNode, NodeId};
 
 use crate::apply::Executor;
-use crate::model::{ApplyResponse, Proposal};
+use crate::model::{ApplyResponse, Credential, Proposal};
 use crate::storage::Store;
 use log_store::LogStore;
 use network::PeerNetwork;
@@ -53,6 +61,57 @@ pub struct ConsensusConfig {
     /// How long a request waits for a leader, a commit or a read index.
     pub request_timeout: Duration,
     pub peer_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// With peer TLS: what a connecting member's certificate must show.
+    pub peer_identity: Option<Arc<crate::tls::PeerIdentity>>,
+    /// Hosts a member certificate may name besides those of the current members' peer URLs
+    /// (the initial cluster and this member, for before the membership is known).
+    pub known_peer_hosts: Vec<String>,
+}
+
+/// Decides what the leader accepts from other members on behalf of clients. A forwarded
+/// request is never trusted as the forwarding member's own: it must carry the caller's
+/// credential, which is verified and authorized here, on the leader.
+pub trait Gatekeeper: Send + Sync {
+    /// Verifies `credential`, sets the proposal's principal from it, and checks the proposal
+    /// (its values must be sealed when this cluster encrypts). `peer_verified` says whether
+    /// the forwarding member proved its identity with a member certificate.
+    fn admit_proposal(
+        &self,
+        proposal: &mut Proposal,
+        credential: Option<&Credential>,
+        peer_verified: bool,
+    ) -> Result<(), ProposeError>;
+
+    /// Same for a membership change (administrators only, or a member's own attributes from
+    /// a verified member).
+    fn admit_membership(
+        &self,
+        change: &MembershipChange,
+        credential: Option<&Credential>,
+        peer_verified: bool,
+    ) -> Result<(), ProposeError>;
+}
+
+/// Refuses everything: the gatekeeper until the API is ready.
+struct Closed;
+
+impl Gatekeeper for Closed {
+    fn admit_proposal(
+        &self,
+        _: &mut Proposal,
+        _: Option<&Credential>,
+        _: bool,
+    ) -> Result<(), ProposeError> {
+        Err(ProposeError::Unavailable("leader not ready".into()))
+    }
+    fn admit_membership(
+        &self,
+        _: &MembershipChange,
+        _: Option<&Credential>,
+        _: bool,
+    ) -> Result<(), ProposeError> {
+        Err(ProposeError::Unavailable("leader not ready".into()))
+    }
 }
 
 /// Why a proposal did not produce a result.
@@ -69,6 +128,12 @@ pub enum ProposeError {
     Stopped,
     #[error("etcdserver: {0}")]
     Rejected(String),
+    /// The leader could not verify who the caller is.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The leader verified the caller, who may not do this.
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
 }
 
 /// A committed and applied proposal.
@@ -142,6 +207,7 @@ struct Inner {
     /// When a leader last sent this node anything (replication or heartbeat).
     last_leader_contact: std::sync::Mutex<Option<std::time::Instant>>,
     leader_handler: std::sync::RwLock<Option<LeaderHandler>>,
+    gatekeeper: std::sync::RwLock<Arc<dyn Gatekeeper>>,
     config: ConsensusConfig,
     raft: Raft,
     store: Store,
@@ -200,6 +266,7 @@ impl Consensus {
             leader_changes: std::sync::atomic::AtomicU64::new(0),
             last_leader_contact: std::sync::Mutex::new(None),
             leader_handler: std::sync::RwLock::new(None),
+            gatekeeper: std::sync::RwLock::new(Arc::new(Closed)),
             config,
             raft,
             store,
@@ -315,6 +382,28 @@ impl Consensus {
         }
     }
 
+    /// Hosts a member certificate may name: those of the members' peer URLs, and the ones
+    /// configured as known.
+    pub(crate) fn member_hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = {
+            let m = self.inner.raft.metrics();
+            let m = m.borrow_watched();
+            m.membership_config
+                .membership()
+                .nodes()
+                .filter_map(|(_, n)| crate::tls::url_host(&n.peer_url))
+                .collect()
+        };
+        hosts.extend(self.inner.config.known_peer_hosts.iter().cloned());
+        hosts.sort();
+        hosts.dedup();
+        hosts
+    }
+
+    pub(crate) fn peer_identity(&self) -> Option<&Arc<crate::tls::PeerIdentity>> {
+        self.inner.config.peer_identity.as_ref()
+    }
+
     /// The election timeout this node runs with.
     pub fn election_timeout(&self) -> Duration {
         self.inner.config.election_timeout
@@ -350,9 +439,14 @@ impl Consensus {
         }
     }
 
-    /// Commits a proposal and returns the state machine's response, forwarding to the leader if
-    /// this node is not it.
-    pub async fn propose(&self, proposal: Proposal) -> Result<Proposed, ProposeError> {
+    /// Commits a proposal and returns the state machine's response, forwarding it with the
+    /// caller's `credential` to the leader if this node is not it. A proposal without a
+    /// credential (the leader's own housekeeping) is never forwarded.
+    pub async fn propose(
+        &self,
+        proposal: Proposal,
+        credential: Option<Credential>,
+    ) -> Result<Proposed, ProposeError> {
         let deadline = tokio::time::Instant::now() + self.inner.config.request_timeout;
         loop {
             match self.propose_local(proposal.clone()).await {
@@ -365,8 +459,16 @@ impl Consensus {
                 return Err(ProposeError::NoLeader);
             }
             match self.leader_node() {
+                Some(_) if credential.is_none() => {
+                    return Err(ProposeError::Unavailable(
+                        "this member's own proposal can only be made while it leads".into(),
+                    ));
+                }
                 Some((id, node)) if id != self.id() => {
-                    match self.forward_propose(&node, &proposal, remaining).await {
+                    match self
+                        .forward_propose(&node, credential.as_ref(), &proposal, remaining)
+                        .await
+                    {
                         Ok(p) => return Ok(p),
                         // The leader moved on before accepting it: safe to try again.
                         Err(ForwardError::NotDelivered) => {
@@ -421,55 +523,51 @@ impl Consensus {
     async fn forward_propose(
         &self,
         leader: &MemberNode,
+        credential: Option<&Credential>,
         proposal: &Proposal,
         timeout: Duration,
     ) -> Result<Proposed, ForwardError> {
-        let streamed = self
-            .inner
+        self.inner
             .forwarder
-            .forward(&self.inner.channels, &leader.peer_url, proposal, timeout)
-            .await;
-        match streamed {
-            Ok(answer) => answer,
-            Err(forward::Fallback::Unary) => {
-                self.forward_propose_unary(leader, proposal, timeout).await
-            }
+            .forward(
+                &self.inner.channels,
+                &leader.peer_url,
+                credential,
+                proposal,
+                timeout,
+            )
+            .await
+    }
+
+    /// Sets who decides what forwarded requests the leader accepts.
+    pub fn set_gatekeeper(&self, g: Arc<dyn Gatekeeper>) {
+        if let Ok(mut slot) = self.inner.gatekeeper.write() {
+            *slot = g;
         }
     }
 
-    /// One unary call per proposal, for leaders without the proposal stream.
-    async fn forward_propose_unary(
+    fn gatekeeper(&self) -> Arc<dyn Gatekeeper> {
+        self.inner
+            .gatekeeper
+            .read()
+            .map(|g| g.clone())
+            .unwrap_or_else(|_| Arc::new(Closed))
+    }
+
+    /// Handles a proposal a member forwarded: the leader authenticates the caller and sets
+    /// the principal itself, then proposes.
+    pub(crate) async fn propose_forwarded(
         &self,
-        leader: &MemberNode,
-        proposal: &Proposal,
-        timeout: Duration,
-    ) -> Result<Proposed, ForwardError> {
-        let data = encode(proposal)
-            .map_err(|e| ForwardError::Failed(ProposeError::Rejected(e.to_string())))?;
-        let mut client = self
-            .inner
-            .channels
-            .client(&leader.peer_url)
-            .map_err(|e| ForwardError::Failed(ProposeError::Unavailable(e)))?;
-        let mut req = self
-            .inner
-            .channels
-            .request(raftkv_proto::peer::Frame { data });
-        req.set_timeout(timeout);
-        match client.propose(req).await {
-            Ok(resp) => {
-                let r: Result<Proposed, ProposeError> =
-                    decode(&resp.into_inner().data).map_err(|e| {
-                        ForwardError::Failed(ProposeError::OutcomeUnknown(e.to_string()))
-                    })?;
-                ForwardError::from_leader(r)
-            }
-            Err(status) if is_connect_failure(&status) => Err(ForwardError::NotDelivered),
-            Err(status) => Err(ForwardError::Failed(ProposeError::OutcomeUnknown(format!(
-                "forwarding to the leader failed: {}",
-                status.message()
-            )))),
+        mut proposal: Proposal,
+        credential: Option<Credential>,
+        peer_verified: bool,
+    ) -> Result<Proposed, ProposeError> {
+        if !self.is_leader() {
+            return Err(ProposeError::NoLeader);
         }
+        self.gatekeeper()
+            .admit_proposal(&mut proposal, credential.as_ref(), peer_verified)?;
+        self.propose_as_leader(proposal).await
     }
 
     /// Handles a proposal forwarded by a follower: only the leader accepts it.
@@ -614,8 +712,13 @@ impl Consensus {
         }
     }
 
-    /// Applies a membership change through the leader and waits until it is committed.
-    pub async fn change_membership(&self, change: MembershipChange) -> Result<(), ProposeError> {
+    /// Applies a membership change through the leader and waits until it is committed. Off the
+    /// leader, `credential` travels with it so the leader can authorize the change.
+    pub async fn change_membership(
+        &self,
+        change: MembershipChange,
+        credential: Option<Credential>,
+    ) -> Result<(), ProposeError> {
         let deadline = tokio::time::Instant::now() + self.inner.config.request_timeout;
         loop {
             let leader = self.leader_node();
@@ -628,8 +731,8 @@ impl Consensus {
                     }
                 }
                 Some((_, node)) => {
-                    let data =
-                        encode(&change).map_err(|e| ProposeError::Rejected(e.to_string()))?;
+                    let data = encode(&(&credential, &change))
+                        .map_err(|e| ProposeError::Rejected(e.to_string()))?;
                     let mut client = self
                         .inner
                         .channels
@@ -666,11 +769,18 @@ impl Consensus {
         }
     }
 
-    /// Handles a membership change forwarded by a follower.
+    /// Handles a membership change forwarded by a follower, once the gatekeeper allows it.
     pub(crate) async fn change_membership_as_leader(
         &self,
         change: MembershipChange,
+        credential: Option<Credential>,
+        peer_verified: bool,
     ) -> Result<(), ProposeError> {
+        if !self.is_leader() {
+            return Err(ProposeError::NoLeader);
+        }
+        self.gatekeeper()
+            .admit_membership(&change, credential.as_ref(), peer_verified)?;
         match self.change_membership_local(change).await {
             Ok(()) => Ok(()),
             Err(LocalError::Forward) => Err(ProposeError::NoLeader),

@@ -7,7 +7,8 @@ use super::network::CLUSTER_ID_HEADER;
 use super::state_machine::{SnapshotFile, StateMachine};
 use super::types::{SnapshotMeta, TypeConfig, Vote, decode, encode};
 use super::{Consensus, MembershipChange, ProposeError};
-use crate::model::Proposal;
+use crate::model::Credential;
+use crate::tls::PeerConnInfo;
 use futures::StreamExt;
 use openraft::Snapshot;
 use raftkv_proto::peer::raft_peer_server::{RaftPeer, RaftPeerServer};
@@ -33,7 +34,23 @@ impl PeerService {
             .max_encoding_message_size(usize::MAX)
     }
 
-    fn check_cluster<T>(&self, req: &Request<T>) -> Result<(), Status> {
+    /// Checks that a request comes from a member of this cluster. Returns whether the member
+    /// proved who it is with its certificate (always, unless the peer port runs without TLS).
+    fn check_cluster<T>(&self, req: &Request<T>) -> Result<bool, Status> {
+        let verified = req
+            .extensions()
+            .get::<PeerConnInfo>()
+            .is_some_and(|i| i.verified);
+        if self.consensus.peer_identity().is_some() && !verified {
+            return Err(Status::unauthenticated(
+                "the peer port requires a member certificate",
+            ));
+        }
+        self.check_cluster_id(req)?;
+        Ok(verified)
+    }
+
+    fn check_cluster_id<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let expected = self.consensus.cluster_id();
         match req
             .metadata()
@@ -212,20 +229,13 @@ impl RaftPeer for PeerService {
         frame(&resp)
     }
 
-    async fn propose(&self, req: Request<Frame>) -> Result<Response<Frame>, Status> {
-        self.check_cluster(&req)?;
-        let proposal: Proposal = decode(&req.into_inner().data).map_err(bad)?;
-        let res = self.consensus.propose_as_leader(proposal).await;
-        frame(&res)
-    }
-
     type ProposeStreamStream = FrameStream;
 
     async fn propose_stream(
         &self,
         req: Request<Streaming<Frame>>,
     ) -> Result<Response<Self::ProposeStreamStream>, Status> {
-        self.check_cluster(&req)?;
+        let verified = self.check_cluster(&req)?;
         let consensus = self.consensus.clone();
         // Proposals run concurrently and are answered as they finish. A transport error or an
         // undecodable frame ends the stream; the follower reports what was in flight as of
@@ -235,8 +245,12 @@ impl RaftPeer for PeerService {
             .map(move |item| {
                 let consensus = consensus.clone();
                 async move {
-                    let (id, proposal): StreamRequest = decode(&item?.data).map_err(bad)?;
-                    let answer: StreamAnswer = (id, consensus.propose_as_leader(proposal).await);
+                    let (id, credential, proposal): StreamRequest =
+                        decode(&item?.data).map_err(bad)?;
+                    let res = consensus
+                        .propose_forwarded(proposal, credential, verified)
+                        .await;
+                    let answer: StreamAnswer = (id, res);
                     to_frame(&answer)
                 }
             })
@@ -260,9 +274,13 @@ impl RaftPeer for PeerService {
     }
 
     async fn change_membership(&self, req: Request<Frame>) -> Result<Response<Frame>, Status> {
-        self.check_cluster(&req)?;
-        let change: MembershipChange = decode(&req.into_inner().data).map_err(bad)?;
-        let res = self.consensus.change_membership_as_leader(change).await;
+        let verified = self.check_cluster(&req)?;
+        let (credential, change): (Option<Credential>, MembershipChange) =
+            decode(&req.into_inner().data).map_err(bad)?;
+        let res = self
+            .consensus
+            .change_membership_as_leader(change, credential, verified)
+            .await;
         frame(&res)
     }
 }

@@ -13,8 +13,8 @@ pub mod envelope;
 pub mod keyring;
 
 use crate::storage::mvcc::ValueOpener;
+use aes_gcm::Nonce;
 use aes_gcm::aead::{Aead, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
 use envelope::Envelope;
 pub use keyring::{Keyring, KeyringError};
 use std::path::PathBuf;
@@ -39,6 +39,12 @@ pub enum CryptoError {
 
 fn aad(key: &[u8]) -> Vec<u8> {
     [b"raftkv:v1:".as_slice(), key].concat()
+}
+
+/// Associated data of a compare operand: bound to the compared key, and distinct from every
+/// value's (no value AAD starts with `raftkv:c`), so an operand cannot pass for a stored value.
+fn operand_aad(key: &[u8]) -> Vec<u8> {
+    [b"raftkv:cmp:v1:".as_slice(), key].concat()
 }
 
 /// Seals and opens stored values with the current keyring (or stores them as plaintext
@@ -106,6 +112,16 @@ impl Sealer {
 
     /// Seals `value` for storage under `key`.
     pub fn seal(&self, key: &[u8], value: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        self.seal_with(&aad(key), value)
+    }
+
+    /// Seals the operand of a VALUE compare on `key`: it travels through the Raft log, so it is
+    /// encrypted like a value.
+    pub fn seal_operand(&self, key: &[u8], operand: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        self.seal_with(&operand_aad(key), operand)
+    }
+
+    fn seal_with(&self, aad: &[u8], value: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let Some(ring) = self.keyring() else {
             return Ok(envelope::plain(value));
         };
@@ -113,13 +129,7 @@ impl Sealer {
         let nonce: [u8; envelope::NONCE_LEN] = rand::random();
         let ct = k
             .cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: value,
-                    aad: &aad(key),
-                },
-            )
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: value, aad })
             .map_err(|_| CryptoError::Seal)?;
         Ok(envelope::sealed(k.id, &nonce, &ct))
     }
@@ -127,6 +137,15 @@ impl Sealer {
     /// Opens a stored value of `key`. Never returns garbage: a tampered or moved value is an
     /// error.
     pub fn open(&self, key: &[u8], stored: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        self.open_with(&aad(key), stored)
+    }
+
+    /// Opens a compare operand sealed by `seal_operand` (or a plaintext envelope).
+    pub fn open_operand(&self, key: &[u8], operand: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        self.open_with(&operand_aad(key), operand)
+    }
+
+    fn open_with(&self, aad: &[u8], stored: &[u8]) -> Result<Vec<u8>, CryptoError> {
         match Envelope::parse(stored)? {
             Envelope::Plain(v) => Ok(v.to_vec()),
             Envelope::Sealed {
@@ -136,32 +155,20 @@ impl Sealer {
             } => {
                 let ring = self.keyring().ok_or(CryptoError::NoKeyring)?;
                 let k = ring.get(key_id).ok_or(CryptoError::UnknownKey(key_id))?;
-                open_with(&k.cipher, key, nonce, sealed)
+                k.cipher
+                    .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad })
+                    .map_err(|_| CryptoError::Authentication)
             }
         }
     }
 }
 
-fn open_with(
-    cipher: &Aes256Gcm,
-    key: &[u8],
-    nonce: &[u8; envelope::NONCE_LEN],
-    sealed: &[u8],
-) -> Result<Vec<u8>, CryptoError> {
-    cipher
-        .decrypt(
-            Nonce::from_slice(nonce),
-            Payload {
-                msg: sealed,
-                aad: &aad(key),
-            },
-        )
-        .map_err(|_| CryptoError::Authentication)
-}
-
 impl ValueOpener for Sealer {
     fn open(&self, key: &[u8], stored: &[u8]) -> Result<Vec<u8>, String> {
         Sealer::open(self, key, stored).map_err(|e| e.to_string())
+    }
+    fn open_operand(&self, key: &[u8], operand: &[u8]) -> Result<Vec<u8>, String> {
+        Sealer::open_operand(self, key, operand).map_err(|e| e.to_string())
     }
 }
 
@@ -180,6 +187,19 @@ mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 1;
         assert_eq!(s.open(b"k", &bad), Err(CryptoError::Authentication));
+        // A compare operand is sealed apart from values: neither opens as the other.
+        let operand = s.seal_operand(b"k", b"secret value").unwrap();
+        assert!(!operand.windows(6).any(|w| w == b"secret"));
+        assert_eq!(s.open_operand(b"k", &operand).unwrap(), b"secret value");
+        assert_eq!(s.open(b"k", &operand), Err(CryptoError::Authentication));
+        assert_eq!(
+            s.open_operand(b"k", &sealed),
+            Err(CryptoError::Authentication)
+        );
+        assert_eq!(
+            s.open_operand(b"other", &operand),
+            Err(CryptoError::Authentication)
+        );
         // Two seals of the same value differ (fresh nonces).
         assert_ne!(s.seal(b"k", b"v").unwrap(), s.seal(b"k", b"v").unwrap());
         // Plaintext envelopes from an unencrypted cluster still read.

@@ -25,6 +25,32 @@ pub struct User {
     /// bcrypt hash; None for users created without a password (token-only).
     pub password_hash: Option<String>,
     pub roles: BTreeSet<String>,
+    /// The auth revision at which this user was created or last changed password. Tokens a
+    /// member issues carry it, and stop working once it changes (or the user is gone).
+    pub token_rev: u64,
+}
+
+/// A user record as stored before tokens were bound to users.
+#[derive(Deserialize)]
+struct UserV0 {
+    name: String,
+    password_hash: Option<String>,
+    roles: BTreeSet<String>,
+}
+
+fn dec_user(b: &[u8]) -> Result<User> {
+    match postcard::from_bytes::<User>(b) {
+        Ok(u) => Ok(u),
+        Err(_) => {
+            let old: UserV0 = dec(b)?;
+            Ok(User {
+                name: old.name,
+                password_hash: old.password_hash,
+                roles: old.roles,
+                token_rev: 0,
+            })
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -81,7 +107,7 @@ pub trait AuthSource {
 
     fn user(&self, name: &str) -> Result<Option<User>> {
         self.auth_meta(&user_key(name))?
-            .map(|b| dec(&b))
+            .map(|b| dec_user(&b))
             .transpose()
     }
 
@@ -112,6 +138,11 @@ pub trait AuthSource {
     fn grants(&self, principal: Option<&Principal>) -> Result<Grants> {
         Ok(AuthSnapshot::load(self)?.grants(principal))
     }
+
+    /// The revision tokens issued to `name` now must carry.
+    fn user_token_rev(&self, name: &str) -> Result<Option<u64>> {
+        Ok(self.user(name)?.map(|u| u.token_rev))
+    }
 }
 
 /// The whole auth state in memory: what permission checks consult on every request.
@@ -126,7 +157,7 @@ impl AuthSnapshot {
     pub fn load<S: AuthSource + ?Sized>(src: &S) -> Result<AuthSnapshot> {
         let mut users = BTreeMap::new();
         for (k, v) in src.auth_prefix(USER_PREFIX)? {
-            let u: User = dec(&v)?;
+            let u: User = dec_user(&v)?;
             users.insert(
                 String::from_utf8_lossy(&k[USER_PREFIX.len()..]).into_owned(),
                 u,
@@ -147,14 +178,32 @@ impl AuthSnapshot {
         })
     }
 
+    /// False for a token issued to a stored user that has since been deleted, re-created or
+    /// given a new password: such a token grants nothing.
+    pub fn token_current(&self, p: &Principal) -> bool {
+        match p.user_rev {
+            None => true,
+            Some(rev) => self.users.get(&p.name).is_some_and(|u| u.token_rev == rev),
+        }
+    }
+
+    /// The stored user of that name, if any.
+    pub fn user(&self, name: &str) -> Option<&User> {
+        self.users.get(name)
+    }
+
     pub fn grants(&self, principal: Option<&Principal>) -> Grants {
+        let Some(p) = principal else {
+            // Internal proposals (no principal) are made by the leader itself; the peer port
+            // never accepts a proposal without a caller.
+            return Grants::all();
+        };
+        if !self.token_current(p) {
+            return Grants::default();
+        }
         if !self.enabled {
             return Grants::all();
         }
-        let Some(p) = principal else {
-            // Internal proposals (no principal) are made by the node itself.
-            return Grants::all();
-        };
         let mut roles: BTreeSet<&str> = p.roles.iter().map(String::as_str).collect();
         if let Some(u) = self.users.get(&p.name) {
             roles.extend(u.roles.iter().map(String::as_str));
@@ -316,6 +365,7 @@ pub fn apply(
 ) -> Result<std::result::Result<(), ApplyError>> {
     let meta = store.cf(CF_META)?;
     let enabled = store.enabled()?;
+    let next_rev = store.auth_revision()? + 1;
     let outcome: std::result::Result<(), ApplyError> = match cmd {
         AuthCommand::Enable => match store.user(ROOT)? {
             None => Err(failed("etcdserver: root user does not exist")),
@@ -342,6 +392,7 @@ pub fn apply(
                     name: name.clone(),
                     password_hash: password_hash.clone(),
                     roles: BTreeSet::new(),
+                    token_rev: next_rev,
                 };
                 batch.put_cf(meta, user_key(name), enc(&u)?);
                 Ok(())
@@ -364,6 +415,7 @@ pub fn apply(
             None => Err(failed("etcdserver: user name not found")),
             Some(mut u) => {
                 u.password_hash = Some(password_hash.clone());
+                u.token_rev = next_rev;
                 batch.put_cf(meta, user_key(name), enc(&u)?);
                 Ok(())
             }
@@ -460,8 +512,7 @@ pub fn apply(
         },
     };
     if outcome.is_ok() {
-        let next = store.auth_revision()? + 1;
-        batch.put_cf(meta, REVISION, next.to_be_bytes());
+        batch.put_cf(meta, REVISION, next_rev.to_be_bytes());
     }
     Ok(outcome)
 }

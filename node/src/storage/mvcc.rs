@@ -18,6 +18,12 @@ pub(crate) const META_COMPACTED: &[u8] = b"compacted";
 const LEASE_PREFIX: &[u8] = b"lease/";
 const LEASE_KEY_PREFIX: &[u8] = b"leasekey/";
 
+/// A page of history: events with their revisions, and where to continue if there is more.
+pub type EventPage = (Vec<(i64, Event)>, Option<i64>);
+
+/// Revision entries one page of watch history may scan, kept or not.
+const PAGE_SCAN_LIMIT: usize = 10_000;
+
 /// The revision of an empty store, as in etcd: the first write gets revision 2.
 pub const INITIAL_REVISION: i64 = 1;
 
@@ -60,6 +66,9 @@ impl Authorizer for AllowAll {
 /// Turns a stored value back into plaintext, for VALUE compares inside transactions.
 pub trait ValueOpener {
     fn open(&self, key: &[u8], stored: &[u8]) -> std::result::Result<Vec<u8>, String>;
+    /// The plaintext of a VALUE compare's operand, in the form the API layer put it in the
+    /// request (sealed like values when it travels through the log).
+    fn open_operand(&self, key: &[u8], operand: &[u8]) -> std::result::Result<Vec<u8>, String>;
 }
 
 /// Values are stored as given.
@@ -69,6 +78,57 @@ impl ValueOpener for Plaintext {
     fn open(&self, _key: &[u8], stored: &[u8]) -> std::result::Result<Vec<u8>, String> {
         Ok(stored.to_vec())
     }
+    fn open_operand(&self, _key: &[u8], operand: &[u8]) -> std::result::Result<Vec<u8>, String> {
+        Ok(operand.to_vec())
+    }
+}
+
+/// How many bytes of key-values a request may still materialize. Every range of a request
+/// draws from one budget, so neither one huge range nor thousands of small ones can make a
+/// member allocate without bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    limit: u64,
+    used: u64,
+}
+
+/// What a fetched key-value costs besides its bytes (the record's fields and bookkeeping).
+const KV_OVERHEAD: u64 = 64;
+
+impl Budget {
+    pub fn new(limit: u64) -> Budget {
+        Budget { limit, used: 0 }
+    }
+
+    pub fn unlimited() -> Budget {
+        Budget::new(u64::MAX)
+    }
+
+    /// Draws `bytes`; refuses once the total would pass the limit.
+    pub fn take(&mut self, bytes: u64) -> std::result::Result<(), ApplyError> {
+        self.used = self.used.saturating_add(bytes);
+        if self.used > self.limit {
+            return Err(ApplyError::ResponseTooLarge(self.limit));
+        }
+        Ok(())
+    }
+
+    fn take_kv(&mut self, key: &[u8], value_len: usize) -> std::result::Result<(), ApplyError> {
+        self.take(KV_OVERHEAD + key.len() as u64 + value_len as u64)
+    }
+}
+
+/// Operations in a transaction over every nesting level, compares included.
+pub fn txn_total_ops(t: &TxnRequest) -> usize {
+    t.compare.len()
+        + t.success
+            .iter()
+            .chain(t.failure.iter())
+            .map(|op| match op {
+                RequestOp::Txn(inner) => 1 + txn_total_ops(inner),
+                _ => 1,
+            })
+            .sum::<usize>()
 }
 
 /// A change produced by a write, in the order it happened; what watchers receive.
@@ -243,8 +303,9 @@ impl ReadView<'_> {
         &self,
         req: &RangeRequest,
         opener: &dyn ValueOpener,
+        budget: &mut Budget,
     ) -> std::result::Result<RangeResult, ReadError> {
-        range(self, self.revision, self.compacted, req, opener)
+        range(self, self.revision, self.compacted, req, opener, budget)
     }
 
     /// Serves a transaction that writes nothing (see `txn_is_read_only`).
@@ -252,20 +313,22 @@ impl ReadView<'_> {
         &self,
         txn: &TxnRequest,
         opener: &dyn ValueOpener,
+        budget: &mut Budget,
     ) -> std::result::Result<TxnResult, ReadError> {
+        if txn_total_ops(txn) > apply_limits::MAX_TXN_TOTAL_OPS {
+            return Err(ApplyError::TooManyOps.into());
+        }
         let mut path = Vec::new();
         txn_path(self, opener, txn, &mut path)?;
         let succeeded = path.first().copied().unwrap_or(false);
         let mut it = path[1..].iter();
-        read_only_txn(
-            self,
+        let at = ReadAt {
+            src: self,
             opener,
-            self.revision,
-            self.compacted,
-            txn,
-            &mut it,
-            succeeded,
-        )
+            current: self.revision,
+            compacted: self.compacted,
+        };
+        read_only_txn(&at, txn, &mut it, succeeded, budget)
     }
 
     /// The newest record of one key, if it is live.
@@ -273,8 +336,18 @@ impl ReadView<'_> {
         Ok(self.latest(key)?.map(|r| r.into_kv(key.to_vec())))
     }
 
-    /// Events with revision in `[from, to]`, in order; for watchers catching up.
-    pub fn events_between(&self, from: i64, to: i64) -> Result<Vec<(i64, Event)>> {
+    /// Events with revision in `[from, to]`, in order, a page at a time for watchers catching
+    /// up: at most about `max_bytes` of key-values (whole revisions are never split), and the
+    /// revision to continue from when there is more. Only events `wanted` says yes to are kept
+    /// (and looked up in history), so a watcher of a few keys reading a long history holds
+    /// only its own events.
+    pub fn events_page(
+        &self,
+        from: i64,
+        to: i64,
+        max_bytes: usize,
+        wanted: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<EventPage> {
         let revs = self.store.cf(CF_REVISIONS)?;
         let hist = self.store.cf(CF_HISTORY)?;
         let mut ro = self.read_opts();
@@ -286,18 +359,34 @@ impl ReadView<'_> {
             IteratorMode::From(&start, Direction::Forward),
         );
         let mut out = Vec::new();
-        for item in it {
+        let mut bytes = 0usize;
+        // Keys scanned without keeping them also count, so a page ends in bounded time.
+        let mut last_main = None;
+        for (scanned, item) in it.enumerate() {
             let (k, user_key) = item?;
             let (main, _) = codec::split_revision_key(&k)?;
+            if last_main != Some(main) {
+                if bytes >= max_bytes || scanned >= PAGE_SCAN_LIMIT {
+                    return Ok((out, Some(main)));
+                }
+                last_main = Some(main);
+            }
+            if !wanted(&user_key) {
+                continue;
+            }
             let hk = history_key(&user_key, main);
             let Some(raw) = self.store.db().get_cf_opt(hist, &hk, &self.read_opts())? else {
                 continue;
             };
             let rec = Record::decode(&raw)?;
             let prev = self.history_before(&user_key, main)?;
+            bytes += user_key.len()
+                + rec.value.len()
+                + prev.as_ref().map(|p| p.value.len()).unwrap_or(0)
+                + 64;
             out.push((main, event_from(user_key.to_vec(), rec, prev, true)));
         }
-        Ok(out)
+        Ok((out, None))
     }
 
     /// The live record of `key` just before revision `rev`, if any.
@@ -474,6 +563,7 @@ fn range(
     compacted: i64,
     req: &RangeRequest,
     opener: &dyn ValueOpener,
+    budget: &mut Budget,
 ) -> std::result::Result<RangeResult, ReadError> {
     let rev = if req.revision <= 0 {
         current
@@ -501,9 +591,15 @@ fn range(
 
     let mut kvs: Vec<KeyValue> = Vec::new();
     let mut count: i64 = 0;
+    let mut over: Option<ApplyError> = None;
     let mut visit = |key: &[u8], rec: Record| -> Result<bool> {
         count += 1;
         if !req.count_only && kvs.len() < fetch_limit {
+            let value_len = if req.keys_only { 0 } else { rec.value.len() };
+            if let Err(e) = budget.take_kv(key, value_len) {
+                over = Some(e);
+                return Ok(false);
+            }
             kvs.push(rec.into_kv(key.to_vec()));
         }
         Ok(true)
@@ -512,6 +608,9 @@ fn range(
         src.scan_latest(&start, end.as_deref(), &mut visit)?;
     } else {
         scan_history_at(src, rev, &start, end.as_deref(), &mut visit)?;
+    }
+    if let Some(e) = over {
+        return Err(e.into());
     }
 
     let keep = |kv: &KeyValue| {
@@ -879,6 +978,68 @@ impl<'a> WriteTxn<'a> {
         Ok(())
     }
 
+    /// Bounds what the ranges on the chosen path will return before anything is staged: each
+    /// range is measured against the state before this transaction, and every value the
+    /// transaction puts is counted once more, since a later range may read it back.
+    fn check_footprint(
+        &self,
+        ops: &[RequestOp],
+        path: &mut std::slice::Iter<'_, bool>,
+        budget: &mut Budget,
+    ) -> std::result::Result<(), ReadError> {
+        for op in ops {
+            match op {
+                RequestOp::Range(r) => {
+                    if r.count_only {
+                        continue;
+                    }
+                    let current = self.base.revision;
+                    let (start, end) = key_interval(&r.key, &r.range_end);
+                    let mut over = None;
+                    let mut visit = |key: &[u8], rec: Record| -> Result<bool> {
+                        let value_len = if r.keys_only { 0 } else { rec.value.len() };
+                        if let Err(e) = budget.take_kv(key, value_len) {
+                            over = Some(e);
+                            return Ok(false);
+                        }
+                        Ok(true)
+                    };
+                    let rev = if r.revision <= 0 { current } else { r.revision };
+                    if rev == current {
+                        self.scan_latest(&start, end.as_deref(), &mut visit)?;
+                    } else {
+                        scan_history_at(self, rev, &start, end.as_deref(), &mut visit)?;
+                    }
+                    if let Some(e) = over {
+                        return Err(e.into());
+                    }
+                }
+                RequestOp::Put(p) => budget.take_kv(&p.key, p.value.len())?,
+                RequestOp::Delete(d) if d.prev_kv => {
+                    let (start, end) = key_interval(&d.key, &d.range_end);
+                    let mut over = None;
+                    self.scan_latest(&start, end.as_deref(), &mut |key, rec| {
+                        if let Err(e) = budget.take_kv(key, rec.value.len()) {
+                            over = Some(e);
+                            return Ok(false);
+                        }
+                        Ok(true)
+                    })?;
+                    if let Some(e) = over {
+                        return Err(e.into());
+                    }
+                }
+                RequestOp::Delete(_) => {}
+                RequestOp::Txn(t) => {
+                    let succeeded = path.next().copied().unwrap_or(false);
+                    let ops = if succeeded { &t.success } else { &t.failure };
+                    self.check_footprint(ops, path, budget)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn apply_put(&mut self, p: &PutRequest) -> Result<PutResult> {
         let rev = self.write_revision();
         // The common put needs only the key's metadata: take it from the cache when possible.
@@ -968,7 +1129,16 @@ impl<'a> WriteTxn<'a> {
                     let base = self.base;
                     // Reads see this transaction's earlier writes, at its revision.
                     let current = self.counters().revision;
-                    let mut res = range(self, current, base.compacted, r, self.opener)?;
+                    // What ranges here may return was bounded before anything was staged
+                    // (`check_footprint`), so this cannot fail half-way through the batch.
+                    let mut res = range(
+                        self,
+                        current,
+                        base.compacted,
+                        r,
+                        self.opener,
+                        &mut Budget::unlimited(),
+                    )?;
                     res.revision = current;
                     ResponseOp::Range(res)
                 }
@@ -990,6 +1160,9 @@ impl<'a> WriteTxn<'a> {
 
     /// Applies a transaction: compares, then the chosen branch. Nothing is staged on refusal.
     pub fn txn(&mut self, txn: &TxnRequest) -> std::result::Result<TxnResult, ReadError> {
+        if txn_total_ops(txn) > apply_limits::MAX_TXN_TOTAL_OPS {
+            return Err(ApplyError::TooManyOps.into());
+        }
         let mut path = Vec::new();
         txn_path(self, self.opener, txn, &mut path)?;
         let succeeded = path.first().copied().unwrap_or(false);
@@ -1003,6 +1176,9 @@ impl<'a> WriteTxn<'a> {
             for op in ops {
                 self.check_op(op, &mut it)?;
             }
+            let mut it = path[1..].iter();
+            let mut budget = Budget::new(apply_limits::MAX_RESPONSE_BYTES);
+            self.check_footprint(ops, &mut it, &mut budget)?;
         }
         let mut it = path[1..].iter();
         let responses = self.apply_ops(ops, &mut it)?;
@@ -1231,8 +1407,16 @@ fn compare_holds(
         if matches!(c.target, CompareTarget::Value(_)) {
             return Ok(false);
         }
-        return Ok(compare_one(c, &Record::absent(), None));
+        return Ok(compare_one(c, &Record::absent(), None, None));
     }
+    let operand = match &c.target {
+        CompareTarget::Value(v) => Some(
+            opener
+                .open_operand(&c.key, v)
+                .map_err(|e| ReadError::Refused(ApplyError::Encryption(e)))?,
+        ),
+        _ => None,
+    };
     for (k, r) in records {
         let plain = match &c.target {
             CompareTarget::Value(_) => Some(
@@ -1242,22 +1426,28 @@ fn compare_holds(
             ),
             _ => None,
         };
-        if !compare_one(c, &r, plain.as_deref()) {
+        if !compare_one(c, &r, plain.as_deref(), operand.as_deref()) {
             return Ok(false);
         }
     }
     Ok(true)
 }
 
-/// Serves a transaction without writes from a read view.
-fn read_only_txn(
-    src: &dyn Source,
-    opener: &dyn ValueOpener,
+/// What a read-only transaction reads from: a view, at its current and compacted revisions.
+struct ReadAt<'a> {
+    src: &'a dyn Source,
+    opener: &'a dyn ValueOpener,
     current: i64,
     compacted: i64,
+}
+
+/// Serves a transaction without writes from a read view.
+fn read_only_txn(
+    at: &ReadAt<'_>,
     txn: &TxnRequest,
     path: &mut std::slice::Iter<'_, bool>,
     succeeded: bool,
+    budget: &mut Budget,
 ) -> std::result::Result<TxnResult, ReadError> {
     let ops = if succeeded {
         &txn.success
@@ -1267,12 +1457,17 @@ fn read_only_txn(
     let mut responses = Vec::with_capacity(ops.len());
     for op in ops {
         responses.push(match op {
-            RequestOp::Range(r) => ResponseOp::Range(range(src, current, compacted, r, opener)?),
+            RequestOp::Range(r) => ResponseOp::Range(range(
+                at.src,
+                at.current,
+                at.compacted,
+                r,
+                at.opener,
+                budget,
+            )?),
             RequestOp::Txn(t) => {
                 let inner = path.next().copied().unwrap_or(false);
-                ResponseOp::Txn(read_only_txn(
-                    src, opener, current, compacted, t, path, inner,
-                )?)
+                ResponseOp::Txn(read_only_txn(at, t, path, inner, budget)?)
             }
             RequestOp::Put(_) | RequestOp::Delete(_) => {
                 return Err(ReadError::Storage(StorageError::Other(
@@ -1287,14 +1482,16 @@ fn read_only_txn(
     })
 }
 
-fn compare_one(c: &Compare, r: &Record, plain: Option<&[u8]>) -> bool {
+fn compare_one(c: &Compare, r: &Record, plain: Option<&[u8]>, operand: Option<&[u8]>) -> bool {
     use std::cmp::Ordering;
     let ord = match &c.target {
         CompareTarget::Version(v) => r.version.cmp(v),
         CompareTarget::Create(v) => r.create_revision.cmp(v),
         CompareTarget::Mod(v) => r.mod_revision.cmp(v),
         CompareTarget::Lease(v) => r.lease.cmp(v),
-        CompareTarget::Value(v) => plain.unwrap_or(&r.value).cmp(v.as_slice()),
+        CompareTarget::Value(v) => plain
+            .unwrap_or(&r.value)
+            .cmp(operand.unwrap_or(v.as_slice())),
     };
     match c.result {
         CompareResult::Equal => ord == Ordering::Equal,

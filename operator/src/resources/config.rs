@@ -11,14 +11,8 @@ use std::collections::BTreeMap;
 /// existing cluster (after the operator adds it) instead of forming a new one.
 pub fn config_map(kvc: &KVCluster, initial_replicas: i32, bootstrapped: bool) -> ConfigMap {
     let n = Names::of(kvc);
-    let tls = kvc
-        .spec
-        .tls
-        .as_ref()
-        .and_then(|t| t.peer_secret_name.as_ref())
-        .is_some();
     let initial: Vec<String> = (0..initial_replicas)
-        .map(|o| format!("{}={}", o + 1, n.peer_url(o, tls)))
+        .map(|o| format!("{}={}", o + 1, n.peer_url(o)))
         .collect();
     let mut data = BTreeMap::from([
         ("RAFTKV_INITIAL_CLUSTER".to_string(), initial.join(",")),
@@ -66,7 +60,7 @@ mod tests {
         let d = cm.data.unwrap();
         assert_eq!(
             d["RAFTKV_INITIAL_CLUSTER"],
-            "1=http://kv-0.kv-peer.prod.svc:2380,2=http://kv-1.kv-peer.prod.svc:2380,3=http://kv-2.kv-peer.prod.svc:2380"
+            "1=https://kv-0.kv-peer.prod.svc:2380,2=https://kv-1.kv-peer.prod.svc:2380,3=https://kv-2.kv-peer.prod.svc:2380"
         );
         assert_eq!(d["RAFTKV_INITIAL_CLUSTER_STATE"], "new");
         assert_eq!(d["RAFTKV_CLUSTER_TOKEN"], "prod.kv");

@@ -53,6 +53,18 @@ impl Names {
     pub fn root_secret(&self) -> String {
         format!("{}-root", self.cluster)
     }
+    /// The generated peer CA (certificate and key; mounted nowhere).
+    pub fn peer_ca_secret(&self) -> String {
+        format!("{}-peer-ca", self.cluster)
+    }
+    /// The generated member certificates, one pair per ordinal, and the CA certificate.
+    pub fn peer_tls_secret(&self) -> String {
+        format!("{}-peer-tls", self.cluster)
+    }
+    /// Host names a member certificate of this cluster may carry: any pod of the peer service.
+    pub fn peer_host_pattern(&self) -> String {
+        format!("*.{}.{}.svc", self.peer_service(), self.namespace)
+    }
     pub fn pdb(&self) -> String {
         self.cluster.clone()
     }
@@ -68,12 +80,9 @@ impl Names {
             self.namespace
         )
     }
-    pub fn peer_url(&self, ordinal: i32, tls: bool) -> String {
-        format!(
-            "{}://{}:{PEER_PORT}",
-            if tls { "https" } else { "http" },
-            self.pod_host(ordinal)
-        )
+    /// A member's peer URL: always TLS.
+    pub fn peer_url(&self, ordinal: i32) -> String {
+        format!("https://{}:{PEER_PORT}", self.pod_host(ordinal))
     }
     pub fn client_url(&self, ordinal: i32, tls: bool) -> String {
         format!(
@@ -178,7 +187,8 @@ mod tests {
         let kvc = testing::cluster(3);
         let n = Names::of(&kvc);
         assert_eq!(n.pod_host(2), "kv-2.kv-peer.prod.svc");
-        assert_eq!(n.peer_url(0, false), "http://kv-0.kv-peer.prod.svc:2380");
+        assert_eq!(n.peer_url(0), "https://kv-0.kv-peer.prod.svc:2380");
+        assert_eq!(n.peer_host_pattern(), "*.kv-peer.prod.svc");
         assert_eq!(n.cluster_token(), "prod.kv");
         assert_eq!(quorum(1), 1);
         assert_eq!(quorum(3), 2);

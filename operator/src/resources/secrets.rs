@@ -1,6 +1,7 @@
 //! Secrets a cluster needs and the operator generates when the user gave none: the HS256 token
-//! secret, the AES-256 keyring and the initial root password. Generated once and never
-//! overwritten (the reconciler only creates them when absent).
+//! secret, the AES-256 keyring, the initial root password, and the peer PKI (a CA, and a member
+//! certificate for every ordinal a cluster can have, so that scaling never waits for one).
+//! Generated once and never overwritten (the reconciler only creates them when absent).
 
 use super::{Names, owned_meta};
 use crate::crd::KVCluster;
@@ -31,6 +32,62 @@ pub const PUBLIC_KEY: &str = "public.pem";
 pub const PRIVATE_KEY: &str = "private.pem";
 pub const KEYRING_KEY: &str = "keyring.json";
 pub const ROOT_PASSWORD_KEY: &str = "password";
+/// Keys of the peer CA Secret, and the CA certificate in the member certificates' Secret.
+pub const CA_CERT_KEY: &str = "ca.crt";
+pub const CA_KEY_KEY: &str = "ca.key";
+/// Ordinals a cluster can have (replicas are at most 9).
+pub const MAX_MEMBERS: i32 = 9;
+/// Lifetime of generated member certificates, and of the CA.
+pub const MEMBER_CERT_DAYS: u64 = 3 * 365;
+pub const CA_DAYS: u64 = 10 * 365;
+const CA_NAME: &str = "raftkv peer CA";
+
+/// File names of a member's certificate and key in the member certificates' Secret (the pod
+/// picks its own with `$(POD_NAME)`).
+pub fn member_cert_key(pod: &str) -> (String, String) {
+    (format!("{pod}.crt"), format!("{pod}.key"))
+}
+
+/// A new peer CA for the cluster.
+pub fn peer_ca(kvc: &KVCluster) -> Result<Secret, raftkv_certs::CertError> {
+    let ca = raftkv_certs::Authority::generate(
+        CA_NAME,
+        std::time::Duration::from_secs(CA_DAYS * 86_400),
+    )?;
+    Ok(secret(
+        kvc,
+        Names::of(kvc).peer_ca_secret(),
+        BTreeMap::from([
+            (CA_CERT_KEY.to_string(), ca.cert_pem.clone()),
+            (CA_KEY_KEY.to_string(), ca.key_pem()),
+        ]),
+    ))
+}
+
+/// Member certificates for every ordinal, signed by the CA in `ca_cert`/`ca_key` (PEM): each
+/// valid for its pod's DNS name under the peer service, as server and client.
+pub fn peer_tls(
+    kvc: &KVCluster,
+    ca_cert: &str,
+    ca_key: &str,
+) -> Result<Secret, raftkv_certs::CertError> {
+    let n = Names::of(kvc);
+    let ca = raftkv_certs::Authority::from_pem(CA_NAME, ca_cert, ca_key)?;
+    let mut data = BTreeMap::from([(CA_CERT_KEY.to_string(), ca_cert.to_string())]);
+    for ordinal in 0..MAX_MEMBERS {
+        let pod = n.pod(ordinal);
+        let host = n.pod_host(ordinal);
+        let issued = ca.member(
+            &pod,
+            &[host.clone(), format!("{host}.cluster.local")],
+            std::time::Duration::from_secs(MEMBER_CERT_DAYS * 86_400),
+        )?;
+        let (crt, key) = member_cert_key(&pod);
+        data.insert(crt, issued.cert_pem);
+        data.insert(key, issued.key_pem);
+    }
+    Ok(secret(kvc, n.peer_tls_secret(), data))
+}
 
 pub fn jwt(kvc: &KVCluster) -> Secret {
     secret(
@@ -100,5 +157,27 @@ mod tests {
         let root = root_password(&kvc);
         assert_eq!(root.type_.as_deref(), Some("kubernetes.io/basic-auth"));
         assert_eq!(root.string_data.unwrap()[ROOT_PASSWORD_KEY].len(), 24);
+    }
+
+    #[test]
+    fn peer_pki_has_a_member_certificate_for_every_ordinal() {
+        let kvc = cluster(3);
+        let ca = peer_ca(&kvc).unwrap();
+        let ca_data = ca.string_data.unwrap();
+        assert_eq!(ca.metadata.name.as_deref(), Some("kv-peer-ca"));
+        let tls = peer_tls(&kvc, &ca_data[CA_CERT_KEY], &ca_data[CA_KEY_KEY]).unwrap();
+        assert_eq!(tls.metadata.name.as_deref(), Some("kv-peer-tls"));
+        let data = tls.string_data.unwrap();
+        assert_eq!(data[CA_CERT_KEY], ca_data[CA_CERT_KEY]);
+        assert!(
+            !data.contains_key(CA_KEY_KEY),
+            "the CA key is never mounted in pods"
+        );
+        for o in 0..MAX_MEMBERS {
+            let (crt, key) = member_cert_key(&format!("kv-{o}"));
+            assert!(data[&crt].starts_with("-----BEGIN CERTIFICATE-----"));
+            assert!(data[&key].contains("PRIVATE KEY"));
+        }
+        assert_eq!(data.len(), 1 + 2 * MAX_MEMBERS as usize);
     }
 }

@@ -130,7 +130,6 @@ pub fn statefulset(kvc: &KVCluster, replicas: i32) -> StatefulSet {
     let n = Names::of(kvc);
     let tls = kvc.spec.tls.clone().unwrap_or_default();
     let client_tls = tls.client_secret_name.is_some();
-    let peer_tls = tls.peer_secret_name.is_some();
     let scheme = |on: bool| if on { "https" } else { "http" };
     let jwt_secret = kvc
         .spec
@@ -154,10 +153,12 @@ pub fn statefulset(kvc: &KVCluster, replicas: i32) -> StatefulSet {
         format!("$(POD_IP):{PEER_PORT}"),
         "--advertise-peer".into(),
         format!(
-            "{}://$(POD_NAME).{}.$(POD_NAMESPACE).svc:{PEER_PORT}",
-            scheme(peer_tls),
+            "https://$(POD_NAME).{}.$(POD_NAMESPACE).svc:{PEER_PORT}",
             n.peer_service()
         ),
+        // Members that join later present certificates for their own pod names.
+        "--peer-cert-allowed-hostname".into(),
+        format!("*.{}.$(POD_NAMESPACE).svc", n.peer_service()),
         "--listen-metrics".into(),
         format!("$(POD_IP):{METRICS_PORT}"),
         "--initial-root-password-file".into(),
@@ -216,18 +217,33 @@ pub fn statefulset(kvc: &KVCluster, replicas: i32) -> StatefulSet {
             "/etc/raftkv/client-tls/tls.key".into(),
         ]);
     }
-    if let Some(s) = &tls.peer_secret_name {
-        volumes.push(secret_volume("peer-tls", s));
-        mounts.push(mount("peer-tls", "/etc/raftkv/peer-tls", true));
-        args.extend([
-            "--peer-cert-file".into(),
-            "/etc/raftkv/peer-tls/tls.crt".into(),
-            "--peer-key-file".into(),
-            "/etc/raftkv/peer-tls/tls.key".into(),
-            "--peer-trusted-ca-file".into(),
-            "/etc/raftkv/peer-tls/ca.crt".into(),
-        ]);
-    }
+    // The peer port always runs mutual TLS: with the user's certificate (cert-manager or their
+    // own CA; one certificate valid for every pod), or with the operator's per-member ones.
+    let (peer_secret, cert_file, key_file) = match &tls.peer_secret_name {
+        Some(s) => (
+            s.clone(),
+            "/etc/raftkv/peer-tls/tls.crt".to_string(),
+            "/etc/raftkv/peer-tls/tls.key".to_string(),
+        ),
+        None => {
+            let (crt, key) = super::secrets::member_cert_key("$(POD_NAME)");
+            (
+                n.peer_tls_secret(),
+                format!("/etc/raftkv/peer-tls/{crt}"),
+                format!("/etc/raftkv/peer-tls/{key}"),
+            )
+        }
+    };
+    volumes.push(secret_volume("peer-tls", &peer_secret));
+    mounts.push(mount("peer-tls", "/etc/raftkv/peer-tls", true));
+    args.extend([
+        "--peer-cert-file".into(),
+        cert_file,
+        "--peer-key-file".into(),
+        key_file,
+        "--peer-trusted-ca-file".into(),
+        format!("/etc/raftkv/peer-tls/{}", super::secrets::CA_CERT_KEY),
+    ]);
     let container = Container {
         name: "raftkv".into(),
         image: Some(image(kvc)),
@@ -411,11 +427,20 @@ mod tests {
         assert_eq!(c.image.as_deref(), Some("raftkv:0.1.0"));
         let args = c.args.as_ref().unwrap().join(" ");
         assert!(
-            args.contains("--advertise-peer http://$(POD_NAME).kv-peer.$(POD_NAMESPACE).svc:2380"),
+            args.contains("--advertise-peer https://$(POD_NAME).kv-peer.$(POD_NAMESPACE).svc:2380"),
             "{args}"
         );
         assert!(args.contains("--jwt-secret-file /etc/raftkv/jwt/secret"));
         assert!(args.contains("--encryption-keyring-file /etc/raftkv/keyring/keyring.json"));
+        // Peer mutual TLS by default, each pod with its own member certificate.
+        assert!(
+            args.contains("--peer-cert-file /etc/raftkv/peer-tls/$(POD_NAME).crt"),
+            "{args}"
+        );
+        assert!(args.contains("--peer-key-file /etc/raftkv/peer-tls/$(POD_NAME).key"));
+        assert!(args.contains("--peer-trusted-ca-file /etc/raftkv/peer-tls/ca.crt"));
+        assert!(args.contains("--peer-cert-allowed-hostname *.kv-peer.$(POD_NAMESPACE).svc"));
+        assert!(!args.contains("insecure"));
         // Members prefer distinct nodes by default.
         let anti = pod.affinity.unwrap().pod_anti_affinity.unwrap();
         assert_eq!(

@@ -46,7 +46,10 @@ impl Db {
     }
 
     fn range(&self, req: RangeRequest) -> std::result::Result<RangeResult, ReadError> {
-        self.store.read_view().unwrap().range(&req, &Plaintext)
+        self.store
+            .read_view()
+            .unwrap()
+            .range(&req, &Plaintext, &mut Budget::unlimited())
     }
 
     fn keys(&self, req: RangeRequest) -> Vec<String> {
@@ -361,7 +364,13 @@ fn events_replay_in_revision_order_with_prev() {
         })
     })
     .unwrap();
-    let ev = db.store.read_view().unwrap().events_between(2, 4).unwrap();
+    let (ev, more) = db
+        .store
+        .read_view()
+        .unwrap()
+        .events_page(2, 4, usize::MAX, &|_| true)
+        .unwrap();
+    assert!(more.is_none());
     assert_eq!(ev.len(), 3);
     assert!(!ev[0].1.deleted && ev[0].1.prev_kv.is_none());
     assert_eq!(ev[1].1.prev_kv.as_ref().unwrap().value, b"1");
@@ -410,4 +419,137 @@ fn entries_staged_in_one_batch_see_each_other() {
     );
     assert!(db.range(get("b")).unwrap().kvs.is_empty());
     assert_eq!(db.store.read_view().unwrap().revision, 6);
+}
+
+fn range_op(prefix: &str) -> RequestOp {
+    RequestOp::Range(RangeRequest {
+        key: prefix.into(),
+        range_end: prefix_end(prefix.as_bytes()),
+        ..Default::default()
+    })
+}
+
+#[test]
+fn a_write_txn_whose_ranges_exceed_the_budget_is_refused_before_staging_anything() {
+    let mut db = Db::new();
+    let big = "v".repeat(1 << 20);
+    for i in 0..4 {
+        db.put(&format!("p/{i}"), &big);
+    }
+    let before = db.store.read_view().unwrap().revision;
+    // 4 MiB per range: 5 ranges are more than the 16 MiB an entry may return.
+    let mut ops = vec![RequestOp::Put(PutRequest {
+        key: b"w".to_vec(),
+        value: b"x".to_vec(),
+        ..Default::default()
+    })];
+    ops.extend((0..5).map(|_| range_op("p/")));
+    let txn = TxnRequest {
+        success: ops.clone(),
+        ..Default::default()
+    };
+    let err = db.write(|t| t.txn(&txn)).unwrap_err();
+    assert!(
+        matches!(err, ReadError::Refused(ApplyError::ResponseTooLarge(_))),
+        "{err:?}"
+    );
+    assert_eq!(db.store.read_view().unwrap().revision, before);
+    assert!(db.range(get("w")).unwrap().kvs.is_empty(), "nothing staged");
+    // The same ranges nested in sub-transactions draw from the same budget.
+    let nested = TxnRequest {
+        success: (0..5)
+            .map(|_| {
+                RequestOp::Txn(TxnRequest {
+                    success: vec![range_op("p/")],
+                    ..Default::default()
+                })
+            })
+            .chain(std::iter::once(ops[0].clone()))
+            .collect(),
+        ..Default::default()
+    };
+    assert!(matches!(
+        db.write(|t| t.txn(&nested)),
+        Err(ReadError::Refused(ApplyError::ResponseTooLarge(_)))
+    ));
+    // Keys only, or a count, cost almost nothing.
+    let keys_only = TxnRequest {
+        success: (0..5)
+            .map(|_| {
+                RequestOp::Range(RangeRequest {
+                    key: b"p/".to_vec(),
+                    range_end: prefix_end(b"p/"),
+                    keys_only: true,
+                    ..Default::default()
+                })
+            })
+            .chain(std::iter::once(ops[0].clone()))
+            .collect(),
+        ..Default::default()
+    };
+    db.write(|t| t.txn(&keys_only)).unwrap();
+    // A read view refuses the same way, without reading past the budget.
+    let view = db.store.read_view().unwrap();
+    let mut small = Budget::new(1 << 20);
+    let r = view.range(
+        &RangeRequest {
+            key: b"p/".to_vec(),
+            range_end: prefix_end(b"p/"),
+            ..Default::default()
+        },
+        &Plaintext,
+        &mut small,
+    );
+    assert!(matches!(
+        r,
+        Err(ReadError::Refused(ApplyError::ResponseTooLarge(_)))
+    ));
+}
+
+#[test]
+fn transactions_with_too_many_operations_over_all_levels_are_refused() {
+    let mut db = Db::new();
+    let mut t = TxnRequest::default();
+    for _ in 0..40 {
+        t = TxnRequest {
+            success: (0..500)
+                .map(|_| range_op("a"))
+                .chain([RequestOp::Txn(t)])
+                .collect(),
+            ..Default::default()
+        };
+    }
+    assert!(txn_total_ops(&t) > apply_limits::MAX_TXN_TOTAL_OPS);
+    assert!(matches!(
+        db.write(|w| w.txn(&t)),
+        Err(ReadError::Refused(ApplyError::TooManyOps))
+    ));
+}
+
+#[test]
+fn history_pages_are_bounded_and_filtered() {
+    let mut db = Db::new();
+    for i in 0..50 {
+        db.put(&format!("k{}", i % 5), &"x".repeat(1000));
+    }
+    let view = db.store.read_view().unwrap();
+    let mut from = 2;
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let (events, next) = view
+            .events_page(from, view.revision, 4096, &|k| k == b"k3")
+            .unwrap();
+        assert!(events.len() <= 5, "a page holds about 4 KiB");
+        seen.extend(events.into_iter().map(|(r, e)| (r, e.kv.key)));
+        pages += 1;
+        match next {
+            Some(n) => from = n,
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 10);
+    assert!(seen.iter().all(|(_, k)| k == b"k3"));
+    assert!(seen.windows(2).all(|w| w[0].0 < w[1].0));
+    assert!(pages >= 2);
 }
