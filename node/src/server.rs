@@ -317,14 +317,40 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
     // Peer port first: other members may be waiting for us.
     let peer_listener = listen(&args.listen_peer).await?;
     let peer_server = Server::builder();
-    let peer_server_tls = match &peer_tls {
+    let peer_server_tls: Option<tls::SharedServerConfig> = match &peer_tls {
         Some((_, server_tls, _)) => {
             let c = consensus.clone();
             server_tls.set_hosts(Arc::new(move || c.member_hosts()));
-            Some(server_tls.config.clone())
+            Some(Arc::new(std::sync::RwLock::new(server_tls.config.clone())))
         }
         None => None,
     };
+    if let (Some(shared), Some(cert), Some(key), Some(ca)) = (
+        &peer_server_tls,
+        &args.peer_cert_file,
+        &args.peer_key_file,
+        &args.peer_trusted_ca_file,
+    ) {
+        let files = Arc::new(tls::PeerTlsFiles::new(
+            cert,
+            key,
+            ca,
+            args.peer_cert_allowed_hostname.clone(),
+        ));
+        let (shared, consensus, refused) = (
+            shared.clone(),
+            consensus.clone(),
+            metrics.peer_refused.clone(),
+        );
+        supervise("peer certificate reload", move || {
+            peer_tls_reload_loop(
+                files.clone(),
+                shared.clone(),
+                consensus.clone(),
+                refused.clone(),
+            )
+        });
+    }
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let peer_task = {
         let mut peer_server = peer_server;
@@ -643,6 +669,55 @@ async fn quota_loop(api: Api) {
                 quota = api.limits.quota_bytes,
                 "database over quota: writes refused (NOSPACE alarm)"
             );
+        }
+    }
+}
+
+/// How often peer certificate files are checked for a rotation.
+const PEER_TLS_RELOAD_SECONDS: u64 = 10;
+
+/// Picks up rotated peer certificates (a renewed Kubernetes Secret) without a restart: new
+/// connections in both directions use them; open ones carry on.
+async fn peer_tls_reload_loop(
+    files: Arc<tls::PeerTlsFiles>,
+    shared: tls::SharedServerConfig,
+    consensus: Consensus,
+    refused: prometheus::IntCounter,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(PEER_TLS_RELOAD_SECONDS)).await;
+        let Some(digest) = files.changed() else {
+            continue;
+        };
+        let reloaded = (|| -> Result<_, tls::TlsError> {
+            let identity = Arc::new(tls::PeerIdentity::load(
+                &files.ca,
+                files.allowed_hostnames.clone(),
+            )?);
+            let server = tls::PeerServerTls::load(
+                &files.cert,
+                &files.key,
+                &files.ca,
+                identity,
+                refused.clone(),
+            )?;
+            let client = tls::peer_client(&files.cert, &files.key, &files.ca)?;
+            Ok((server, client))
+        })();
+        match reloaded {
+            Ok((server, client)) => {
+                let c = consensus.clone();
+                server.set_hosts(Arc::new(move || c.member_hosts()));
+                if let Ok(mut s) = shared.write() {
+                    *s = server.config.clone();
+                }
+                consensus.set_peer_client_tls(client);
+                files.accept(digest);
+                tracing::info!(cert = %files.cert.display(), "reloaded the peer certificate");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "peer certificate files changed but are unusable; keeping the current ones")
+            }
         }
     }
 }

@@ -480,10 +480,62 @@ impl rustls::server::danger::ClientCertVerifier for PeerCertVerifier {
     }
 }
 
+/// The peer port's TLS configuration as it is now; replaced when certificate files change.
+pub type SharedServerConfig = Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>;
+
 /// The peer port's TLS: this member's certificate, and the member check on every client.
 pub struct PeerServerTls {
     pub config: Arc<rustls::ServerConfig>,
     hosts: Arc<std::sync::RwLock<Option<HostsFn>>>,
+}
+
+/// The files a member's peer TLS is made from, and what they held when last read.
+pub struct PeerTlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub ca: std::path::PathBuf,
+    pub allowed_hostnames: Vec<String>,
+    seen: Mutex<Option<[u8; 32]>>,
+}
+
+impl PeerTlsFiles {
+    pub fn new(cert: &Path, key: &Path, ca: &Path, allowed_hostnames: Vec<String>) -> PeerTlsFiles {
+        let files = PeerTlsFiles {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            ca: ca.to_path_buf(),
+            allowed_hostnames,
+            seen: Mutex::new(None),
+        };
+        let now = files.digest();
+        if let Ok(mut s) = files.seen.lock() {
+            *s = now;
+        }
+        files
+    }
+
+    fn digest(&self) -> Option<[u8; 32]> {
+        let mut h = sha2::Sha256::new();
+        for p in [&self.cert, &self.key, &self.ca] {
+            h.update(std::fs::read(p).ok()?);
+            h.update([0]);
+        }
+        Some(h.finalize().into())
+    }
+
+    /// The files' fingerprint if they changed since last accepted (a rotated Secret).
+    pub fn changed(&self) -> Option<[u8; 32]> {
+        let now = self.digest()?;
+        let seen = self.seen.lock().ok()?;
+        (*seen != Some(now)).then_some(now)
+    }
+
+    /// Records that the files as of `digest` are in use.
+    pub fn accept(&self, digest: [u8; 32]) {
+        if let Ok(mut seen) = self.seen.lock() {
+            *seen = Some(digest);
+        }
+    }
 }
 
 impl PeerServerTls {
@@ -637,10 +689,9 @@ const PEER_HANDSHAKES: usize = 64;
 /// certificate was verified come out.
 pub fn peer_incoming(
     listener: tokio::net::TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<SharedServerConfig>,
 ) -> impl futures::Stream<Item = std::io::Result<PeerConn>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<PeerConn>>(16);
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let slots = Arc::new(tokio::sync::Semaphore::new(PEER_HANDSHAKES));
     tokio::spawn(async move {
         loop {
@@ -660,7 +711,13 @@ pub fn peer_incoming(
             };
             let _ = tcp.set_nodelay(true);
             let tx = tx.clone();
-            match &acceptor {
+            // The configuration as of this connection: a rotated certificate applies to the
+            // connections accepted after it.
+            let acceptor = tls.as_ref().map(|t| {
+                let config = t.read().unwrap_or_else(|p| p.into_inner()).clone();
+                tokio_rustls::TlsAcceptor::from(config)
+            });
+            match acceptor {
                 None => {
                     drop(permit);
                     if tx
@@ -672,7 +729,6 @@ pub fn peer_incoming(
                     }
                 }
                 Some(acceptor) => {
-                    let acceptor = acceptor.clone();
                     tokio::spawn(async move {
                         let _permit = permit;
                         match tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))

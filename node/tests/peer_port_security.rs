@@ -378,3 +378,74 @@ async fn forwarded_requests_need_the_callers_credential_even_on_a_plaintext_peer
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 }
+
+/// The certificate a member's peer port presents now, as openssl sees it.
+fn presented_certificate(
+    port: u16,
+    ca: &std::path::Path,
+    member: &raftkv::certs::IssuedFiles,
+) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .arg("-CAfile")
+        .arg(ca)
+        .arg("-cert")
+        .arg(&member.cert)
+        .arg("-key")
+        .arg(&member.key)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let begin = text
+        .find("-----BEGIN CERTIFICATE-----")
+        .expect("a certificate");
+    let end = text.find("-----END CERTIFICATE-----").expect("its end") + 25;
+    text[begin..end].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotated_member_certificate_is_used_without_a_restart() {
+    let mut c = Cluster::start(Options::default());
+    let ca = c.pki.join(raftkv::certs::CA_CERT);
+    let probe = member_cert(&c.pki, 2);
+    let port = c.members[0].ports.peer;
+    let before = presented_certificate(port, &ca, &probe);
+    assert_eq!(
+        before.trim(),
+        std::fs::read_to_string(&member_cert(&c.pki, 1).cert)
+            .unwrap()
+            .trim()
+    );
+    // Renew member 1's certificate in place, as a rotated Secret does.
+    let authority = raftkv::certs::Authority::load_or_create(&c.pki, "raftkv test CA").unwrap();
+    let renewed = authority
+        .member(
+            "member-1",
+            &["127.0.0.1".into(), "localhost".into()],
+            Duration::from_secs(2 * 86_400),
+        )
+        .unwrap();
+    renewed.write(&c.pki, "member-1").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = presented_certificate(port, &ca, &probe);
+        if now.trim() == renewed.cert_pem.trim() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The members still talk to each other over new connections (member 3 restarts: it dials
+    // member 1, which presents its new certificate, and member 1 dials it with that one).
+    c.kill(2);
+    c.spawn(2);
+    c.wait_member_ready(2, Duration::from_secs(30));
+    let mut kv = c.kv(2).await;
+    kv.put(authed(put_req("after-rotation", "ok"), &c.token))
+        .await
+        .expect("writes go on");
+}

@@ -449,26 +449,55 @@ impl<'a> Reconciler<'a> {
             }
             self.create_secret(&api, &s, "").await?;
         }
-        if own_peer_pki && api.get_opt(&self.names.peer_tls_secret()).await?.is_none() {
-            // Member certificates from the CA as stored (whoever created it).
-            let ca_name = self.names.peer_ca_secret();
-            let ca = api.get(&ca_name).await?;
-            let field = |k: &str| {
-                secret_field(&ca, k)
-                    .and_then(|b| String::from_utf8(b).ok())
-                    .ok_or_else(|| Error::Secret {
-                        name: ca_name.clone(),
-                        reason: format!("has no {k}"),
-                    })
-            };
-            let tls = secrets::peer_tls(
-                self.kvc,
-                &field(secrets::CA_CERT_KEY)?,
-                &field(secrets::CA_KEY_KEY)?,
-            )
-            .map_err(bad_pki(self.names.peer_tls_secret()))?;
-            self.create_secret(&api, &tls, " (member certificates for the peer port)")
-                .await?;
+        if own_peer_pki {
+            let current = api.get_opt(&self.names.peer_tls_secret()).await?;
+            let due = current
+                .as_ref()
+                .map(|s| secrets::peer_tls_due(s, std::time::SystemTime::now()));
+            if due != Some(false) {
+                // Member certificates from the CA as stored (whoever created it).
+                let ca_name = self.names.peer_ca_secret();
+                let ca = api.get(&ca_name).await?;
+                let field = |k: &str| {
+                    secret_field(&ca, k)
+                        .and_then(|b| String::from_utf8(b).ok())
+                        .ok_or_else(|| Error::Secret {
+                            name: ca_name.clone(),
+                            reason: format!("has no {k}"),
+                        })
+                };
+                let tls = secrets::peer_tls(
+                    self.kvc,
+                    &field(secrets::CA_CERT_KEY)?,
+                    &field(secrets::CA_KEY_KEY)?,
+                )
+                .map_err(bad_pki(self.names.peer_tls_secret()))?;
+                match current {
+                    None => {
+                        self.create_secret(&api, &tls, " (member certificates for the peer port)")
+                            .await?
+                    }
+                    Some(old) => {
+                        // Members reload renewed certificates without restarting.
+                        let mut tls = tls;
+                        tls.metadata.resource_version = old.metadata.resource_version.clone();
+                        api.replace(&self.names.peer_tls_secret(), &PostParams::default(), &tls)
+                            .await?;
+                        publish(
+                            self.ctx,
+                            self.kvc,
+                            EventType::Normal,
+                            "PeerCertificatesRenewed",
+                            "Renew",
+                            format!(
+                                "renewed the member certificates in Secret {}",
+                                self.names.peer_tls_secret()
+                            ),
+                        )
+                        .await;
+                    }
+                }
+            }
         }
         Ok(())
     }

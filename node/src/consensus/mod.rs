@@ -400,6 +400,11 @@ impl Consensus {
         hosts
     }
 
+    /// Presents a new member certificate on connections to other members from now on.
+    pub fn set_peer_client_tls(&self, tls: tonic::transport::ClientTlsConfig) {
+        self.inner.channels.set_tls(tls);
+    }
+
     pub(crate) fn peer_identity(&self) -> Option<&Arc<crate::tls::PeerIdentity>> {
         self.inner.config.peer_identity.as_ref()
     }

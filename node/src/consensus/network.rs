@@ -30,7 +30,7 @@ const SNAPSHOT_CHUNK: usize = 1 << 20;
 #[derive(Clone)]
 pub struct PeerChannels {
     cluster_id: u64,
-    tls: Option<ClientTlsConfig>,
+    tls: Arc<Mutex<Option<ClientTlsConfig>>>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
@@ -38,8 +38,19 @@ impl PeerChannels {
     pub fn new(cluster_id: u64, tls: Option<ClientTlsConfig>) -> PeerChannels {
         PeerChannels {
             cluster_id,
-            tls,
+            tls: Arc::new(Mutex::new(tls)),
             channels: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Switches to new client TLS (a rotated member certificate): connections made from now
+    /// on present it; open ones finish what they carry.
+    pub fn set_tls(&self, tls: ClientTlsConfig) {
+        if let Ok(mut t) = self.tls.lock() {
+            *t = Some(tls);
+        }
+        if let Ok(mut map) = self.channels.lock() {
+            map.clear();
         }
     }
 
@@ -60,9 +71,10 @@ impl PeerChannels {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
-        if let Some(tls) = &self.tls {
+        let tls = self.tls.lock().ok().and_then(|t| t.clone());
+        if let Some(tls) = tls {
             ep = ep
-                .tls_config(tls.clone())
+                .tls_config(tls)
                 .map_err(|e| format!("peer TLS config for {url}: {e}"))?;
         }
         let ch = ep.connect_lazy();

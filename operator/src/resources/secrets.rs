@@ -40,6 +40,10 @@ pub const MAX_MEMBERS: i32 = 9;
 /// Lifetime of generated member certificates, and of the CA.
 pub const MEMBER_CERT_DAYS: u64 = 3 * 365;
 pub const CA_DAYS: u64 = 10 * 365;
+/// Member certificates are renewed once less than this is left (members reload them).
+pub const RENEW_BEFORE_DAYS: u64 = 365;
+/// When the member certificates in the Secret expire, in seconds since the epoch.
+pub const NOT_AFTER_ANNOTATION: &str = "raftkv.io/certificates-not-after";
 const CA_NAME: &str = "raftkv peer CA";
 
 /// File names of a member's certificate and key in the member certificates' Secret (the pod
@@ -71,6 +75,33 @@ pub fn peer_tls(
     ca_cert: &str,
     ca_key: &str,
 ) -> Result<Secret, raftkv_certs::CertError> {
+    peer_tls_at(kvc, ca_cert, ca_key, std::time::SystemTime::now())
+}
+
+/// Whether the member certificates of `s` should be renewed at `now`.
+pub fn peer_tls_due(s: &Secret, now: std::time::SystemTime) -> bool {
+    let not_after = s
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(NOT_AFTER_ANNOTATION))
+        .and_then(|v| v.parse::<u64>().ok());
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match not_after {
+        Some(t) => now + RENEW_BEFORE_DAYS * 86_400 >= t,
+        None => true,
+    }
+}
+
+fn peer_tls_at(
+    kvc: &KVCluster,
+    ca_cert: &str,
+    ca_key: &str,
+    now: std::time::SystemTime,
+) -> Result<Secret, raftkv_certs::CertError> {
     let n = Names::of(kvc);
     let ca = raftkv_certs::Authority::from_pem(CA_NAME, ca_cert, ca_key)?;
     let mut data = BTreeMap::from([(CA_CERT_KEY.to_string(), ca_cert.to_string())]);
@@ -86,7 +117,19 @@ pub fn peer_tls(
         data.insert(crt, issued.cert_pem);
         data.insert(key, issued.key_pem);
     }
-    Ok(secret(kvc, n.peer_tls_secret(), data))
+    let mut s = secret(kvc, n.peer_tls_secret(), data);
+    // The issuer backdates by minutes and sets the lifetime from now: this is the earliest
+    // of the certificates' ends, to the second.
+    let not_after = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + MEMBER_CERT_DAYS * 86_400;
+    s.metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(NOT_AFTER_ANNOTATION.into(), not_after.to_string());
+    Ok(s)
 }
 
 pub fn jwt(kvc: &KVCluster) -> Secret {
@@ -167,7 +210,7 @@ mod tests {
         assert_eq!(ca.metadata.name.as_deref(), Some("kv-peer-ca"));
         let tls = peer_tls(&kvc, &ca_data[CA_CERT_KEY], &ca_data[CA_KEY_KEY]).unwrap();
         assert_eq!(tls.metadata.name.as_deref(), Some("kv-peer-tls"));
-        let data = tls.string_data.unwrap();
+        let data = tls.string_data.clone().unwrap();
         assert_eq!(data[CA_CERT_KEY], ca_data[CA_CERT_KEY]);
         assert!(
             !data.contains_key(CA_KEY_KEY),
@@ -179,5 +222,14 @@ mod tests {
             assert!(data[&key].contains("PRIVATE KEY"));
         }
         assert_eq!(data.len(), 1 + 2 * MAX_MEMBERS as usize);
+        // Renewal is due once less than RENEW_BEFORE_DAYS is left, not before.
+        let now = std::time::SystemTime::now();
+        assert!(!peer_tls_due(&tls, now));
+        let day = std::time::Duration::from_secs(86_400);
+        let later = now + day * (MEMBER_CERT_DAYS - RENEW_BEFORE_DAYS) as u32 + day;
+        assert!(peer_tls_due(&tls, later));
+        let mut bare = tls.clone();
+        bare.metadata.annotations = None;
+        assert!(peer_tls_due(&bare, now), "unknown expiry: renew");
     }
 }
