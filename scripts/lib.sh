@@ -17,7 +17,8 @@ mkdir -p "$RAFTKV_CACHE" "$RAFTKV_BIN_CACHE"
 #   etcd-server/-client   real etcd and etcdctl for compatibility tests and benchmarks
 #   prometheus            promtool and a real Prometheus server for the observability tests
 #   openssl, util-linux   certificates and mount namespaces for the e2e Kubernetes control plane
-RAFTKV_APT_PACKAGES="libclang-dev clang protobuf-compiler etcd-server etcd-client prometheus openssl util-linux"
+#   curl                  raw HTTP/2 requests in the edge tests
+RAFTKV_APT_PACKAGES="libclang-dev clang protobuf-compiler etcd-server etcd-client prometheus openssl util-linux curl"
 
 need_packages() {
     local missing=""

@@ -302,6 +302,8 @@ fn a_kvcluster_becomes_an_available_cluster_clients_can_use(env: &Env) {
         ("secret", "kv-jwt"),
         ("secret", "kv-keyring"),
         ("secret", "kv-root"),
+        ("secret", "kv-peer-ca"),
+        ("secret", "kv-peer-tls"),
         ("service", "kv"),
         ("service", "kv-peer"),
         ("configmap", "kv-config"),
@@ -335,12 +337,23 @@ fn a_kvcluster_becomes_an_available_cluster_clients_can_use(env: &Env) {
     kvctl(&["put", "hello", "kubernetes"]);
     assert!(kvctl(&["get", "hello"]).contains("kubernetes"));
     let members = kvctl(&["members", "-o", "json"]);
-    assert_eq!(
-        serde_json::from_str::<Value>(&members)
-            .unwrap()
-            .as_array()
-            .map(Vec::len),
-        Some(3)
+    let members: Value = serde_json::from_str(&members).unwrap();
+    assert_eq!(members.as_array().map(Vec::len), Some(3));
+    // Members talk over mutual TLS with the certificates the operator generated: one per pod,
+    // the CA key never mounted.
+    let text = members.to_string();
+    assert!(
+        text.contains("https://kv-0.kv-peer.") && !text.contains("http://kv-"),
+        "peer URLs: {text}"
+    );
+    let tls = env.cp.json(&["get", "secret", "kv-peer-tls", "-n", NS]);
+    for key in ["ca.crt", "kv-0.crt", "kv-0.key", "kv-8.crt"] {
+        assert!(tls["data"][key].is_string(), "kv-peer-tls has {key}");
+    }
+    assert!(tls["data"]["ca.key"].is_null());
+    assert!(
+        tls["metadata"]["annotations"]["raftkv.io/certificates-not-after"].is_string(),
+        "the expiry the operator renews by"
     );
 }
 
