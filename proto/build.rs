@@ -5,6 +5,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/etcd/mvccpb/kv.proto",
         "proto/etcd/authpb/auth.proto",
         "proto/etcd/etcdserverpb/rpc.proto",
+        "proto/etcd/v3lockpb/v3lock.proto",
+        "proto/etcd/v3electionpb/v3election.proto",
         "proto/raftkv/peer.proto",
         "proto/raftkv/admin.proto",
     ];

@@ -483,7 +483,15 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
                     .max_encoding_message_size(usize::MAX),
             )
             .add_service(AuthServer::new(api::auth::AuthService::new(api.clone())))
-            .add_service(AdminServer::new(api::admin::AdminService::new(api.clone())));
+            .add_service(AdminServer::new(api::admin::AdminService::new(api.clone())))
+            .add_service(raftkv_proto::v3lockpb::lock_server::LockServer::new(
+                api::lock::LockService::new(api.clone()),
+            ))
+            .add_service(
+                raftkv_proto::v3electionpb::election_server::ElectionServer::new(
+                    api::election::ElectionService::new(api.clone()),
+                ),
+            );
         let incoming = api::connections::incoming(
             client_listener,
             args.max_client_connections,

@@ -1,5 +1,6 @@
 //! The wire protocols raftkv speaks, generated from our `.proto` files: the etcd v3 API
-//! (`etcdserverpb`, `mvccpb`, `authpb`) and the node-to-node peer protocol.
+//! (`etcdserverpb`, `mvccpb`, `authpb`, and the lock and election services `v3lockpb`,
+//! `v3electionpb`) and the node-to-node peer protocol.
 
 #![allow(clippy::all, missing_docs)]
 
@@ -13,6 +14,14 @@ pub mod authpb {
 
 pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
+}
+
+pub mod v3lockpb {
+    tonic::include_proto!("v3lockpb");
+}
+
+pub mod v3electionpb {
+    tonic::include_proto!("v3electionpb");
 }
 
 pub mod peer {

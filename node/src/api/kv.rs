@@ -58,6 +58,55 @@ impl KvService {
     }
 }
 
+impl Api {
+    /// Serves a range for `principal`: linearizable unless `serializable`, permission checked
+    /// against the roles in the state it reads. Values stay sealed in the result.
+    pub async fn read_range(
+        &self,
+        principal: &crate::model::Principal,
+        r: &crate::model::RangeRequest,
+        serializable: bool,
+    ) -> Result<crate::model::RangeResult, Status> {
+        if !serializable {
+            self.linearize().await?;
+        }
+        let view = self
+            .consensus
+            .store()
+            .read_view()
+            .map_err(|e| status::from_storage(&e))?;
+        if !self
+            .grants(principal)
+            .permits(PermType::Read, &r.key, &r.range_end)
+        {
+            self.metrics.permission_denials.inc();
+            return Err(status::denied());
+        }
+        view.range(r, &self.sealer, &mut self.read_budget())
+            .map_err(|e| status::from_read(&e))
+    }
+
+    /// Seals and proposes a write transaction for `caller`; returns its result (values still
+    /// sealed) and the revision after it.
+    pub async fn write_txn(
+        &self,
+        caller: &crate::auth::Caller,
+        t: &TxnRequest,
+    ) -> Result<(crate::model::TxnResult, i64), Status> {
+        self.check_space()?;
+        let key = self.sealing_key()?;
+        let mut sealed = t.clone();
+        seal_txn(self, &mut sealed)?;
+        let (out, revision) = self
+            .propose(Some(caller), key, Command::Txn(sealed))
+            .await?;
+        match out {
+            ApplyOutput::Txn(result) => Ok((result, revision)),
+            _ => Err(Status::internal("unexpected txn result")),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(
@@ -68,27 +117,7 @@ impl Kv for KvService {
         let raw = req.into_inner();
         let serializable = raw.serializable;
         let r = convert::range_in(raw)?;
-        if !serializable {
-            self.api.linearize().await?;
-        }
-        let view = self
-            .api
-            .consensus
-            .store()
-            .read_view()
-            .map_err(|e| status::from_storage(&e))?;
-        if !self
-            .api
-            .grants(&principal)
-            .permits(PermType::Read, &r.key, &r.range_end)
-        {
-            self.api.metrics.permission_denials.inc();
-            return Err(status::denied());
-        }
-        let result = view
-            .range(&r, &self.api.sealer, &mut self.api.read_budget())
-            .map_err(|e| status::from_read(&e))?;
-        drop(view);
+        let result = self.api.read_range(&principal, &r, serializable).await?;
         let header = self.api.header(result.revision);
         let open = self.opener();
         Ok(Response::new(convert::range_out(
@@ -187,17 +216,7 @@ impl Kv for KvService {
                 &open,
             )?));
         }
-        self.api.check_space()?;
-        let key = self.api.sealing_key()?;
-        let mut sealed = t.clone();
-        seal_txn(&self.api, &mut sealed)?;
-        let (out, revision) = self
-            .api
-            .propose(Some(&caller), key, Command::Txn(sealed))
-            .await?;
-        let ApplyOutput::Txn(result) = out else {
-            return Err(Status::internal("unexpected txn result"));
-        };
+        let (result, revision) = self.api.write_txn(&caller, &t).await?;
         Ok(Response::new(convert::txn_out(
             result,
             &t,

@@ -129,6 +129,11 @@ impl LeaseKeeper {
         })
     }
 
+    /// Renews lease `id` on the leader; its TTL, or 0 if it does not exist.
+    pub async fn keep_alive(&self, id: i64) -> Result<i64, Status> {
+        self.ask_leader(LeaderRequest::KeepAlive(id)).await
+    }
+
     async fn ask_leader(&self, req: LeaderRequest) -> Result<i64, Status> {
         let data = postcard::to_stdvec(&req).map_err(|e| Status::internal(e.to_string()))?;
         let resp = self

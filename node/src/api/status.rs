@@ -29,6 +29,8 @@ pub const ROLE_EMPTY: &str = "etcdserver: role name is empty";
 pub const PERMISSION_DENIED: &str = "etcdserver: permission denied";
 pub const INVALID_TOKEN: &str = "etcdserver: invalid auth token";
 pub const NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
+pub const STOPPED: &str = "etcdserver: server stopped";
+pub const NO_LEADER: &str = "etcdserver: no leader";
 
 pub fn invalid(msg: &str) -> Status {
     Status::invalid_argument(msg)

@@ -164,6 +164,11 @@ impl WatchHub {
         self.inner.latest.subscribe()
     }
 
+    /// Changes whenever a write is applied (its value: the newest revision).
+    pub fn changes(&self) -> watch::Receiver<i64> {
+        self.subscribe()
+    }
+
     /// Bytes of notifications held now (for tests and metrics).
     pub fn held_bytes(&self) -> usize {
         lock(&self.inner.ring).bytes
