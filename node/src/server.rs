@@ -422,6 +422,7 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
         metrics: metrics.clone(),
         logins: Default::default(),
         nospace: AtomicBool::new(false),
+        stopping: tokio::sync::watch::channel(false).0,
         client_urls: me.client_urls.clone(),
         name: me.name.clone(),
     });
@@ -459,6 +460,10 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
                 metrics.clone(),
                 executor.auth().clone(),
                 args.client_cert_auth(),
+                {
+                    let c = consensus.clone();
+                    Arc::new(move || c.has_leader())
+                },
             ))
             .add_service(health_service)
             .add_service(
@@ -569,6 +574,10 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
 
     wait_for_signal().await;
     tracing::info!(member = my_id, "shutting down");
+    // As etcd: hand leadership over first, so that the others do not wait out an election
+    // timeout, then end long-lived streams so their clients move to another member at once.
+    consensus.step_down(args.election_timeout() * 2).await;
+    api.stopping.send_replace(true);
     shutdown.notify_waiters();
     consensus.shutdown().await;
     for (name, task) in [("peer", peer_task), ("client", client_task)] {

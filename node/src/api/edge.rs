@@ -22,12 +22,16 @@ fn is_exempt(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/") || path == "/etcdserverpb.Auth/Authenticate"
 }
 
+/// Whether this member can vouch for a leader now.
+pub type HasLeader = Arc<dyn Fn() -> bool + Send + Sync>;
+
 #[derive(Clone)]
 pub struct EdgeLayer {
     authn: Authenticator,
     metrics: Arc<Metrics>,
     auth: Arc<AuthCache>,
     client_cert_auth: bool,
+    has_leader: HasLeader,
 }
 
 impl EdgeLayer {
@@ -39,12 +43,14 @@ impl EdgeLayer {
         metrics: Arc<Metrics>,
         auth: Arc<AuthCache>,
         client_cert_auth: bool,
+        has_leader: HasLeader,
     ) -> EdgeLayer {
         EdgeLayer {
             authn,
             metrics,
             auth,
             client_cert_auth,
+            has_leader,
         }
     }
 }
@@ -58,6 +64,7 @@ impl<S> Layer<S> for EdgeLayer {
             metrics: self.metrics.clone(),
             auth: self.auth.clone(),
             client_cert_auth: self.client_cert_auth,
+            has_leader: self.has_leader.clone(),
         }
     }
 }
@@ -69,6 +76,7 @@ pub struct Edge<S> {
     metrics: Arc<Metrics>,
     auth: Arc<AuthCache>,
     client_cert_auth: bool,
+    has_leader: HasLeader,
 }
 
 impl<S> Edge<S> {
@@ -263,6 +271,17 @@ where
                     return Box::pin(async move { Ok(status.into_http()) });
                 }
             }
+        }
+        // etcd's `hasleader`: a request that needs a leader fails at once on a member that has
+        // none, so the client tries another member instead of waiting here.
+        let wants_leader = req
+            .headers()
+            .get(super::REQUIRE_LEADER_KEY)
+            .is_some_and(|v| v.as_bytes() == b"true");
+        if wants_leader && !(self.has_leader)() {
+            let status = tonic::Status::unavailable(status::NO_LEADER);
+            record(status.code());
+            return Box::pin(async move { Ok(status.into_http()) });
         }
         // Take the service that was polled ready; leave a fresh clone in its place.
         let clone = self.inner.clone();

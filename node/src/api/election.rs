@@ -148,7 +148,9 @@ impl Election for ElectionService {
         self.api.first_created(&caller, &name, false).await?;
         let api = self.api.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let stopped = self.api.stopped();
         tokio::spawn(async move {
+            tokio::pin!(stopped);
             let mut changes = api.watches.changes();
             let mut last: Option<(i64, i64)> = None;
             loop {
@@ -175,6 +177,10 @@ impl Election for ElectionService {
                 tokio::select! {
                     changed = changes.changed() => if changed.is_err() { return },
                     _ = tx.closed() => return,
+                    _ = &mut stopped => {
+                        let _ = tx.send(Err(Status::unavailable(super::status::STOPPED))).await;
+                        return;
+                    }
                 }
             }
         });

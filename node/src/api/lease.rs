@@ -251,27 +251,31 @@ impl Lease for LeaseService {
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
         Api::principal(&req)?;
         let api = self.api.clone();
-        let out = req.into_inner().then(move |item| {
-            let api = api.clone();
-            async move {
-                let r = item?;
-                let ttl = api
-                    .leases
-                    .ask_leader(LeaderRequest::KeepAlive(r.id))
-                    .await?;
-                let rev = api
-                    .consensus
-                    .store()
-                    .revisions()
-                    .map(|(r, _)| r)
-                    .unwrap_or(0);
-                Ok(pb::LeaseKeepAliveResponse {
-                    header: api.header(rev),
-                    id: r.id,
-                    ttl,
-                })
-            }
-        });
+        // The stream ends when the member stops, so its client moves to another at once.
+        let out = req
+            .into_inner()
+            .take_until(self.api.stopped())
+            .then(move |item| {
+                let api = api.clone();
+                async move {
+                    let r = item?;
+                    let ttl = api
+                        .leases
+                        .ask_leader(LeaderRequest::KeepAlive(r.id))
+                        .await?;
+                    let rev = api
+                        .consensus
+                        .store()
+                        .revisions()
+                        .map(|(r, _)| r)
+                        .unwrap_or(0);
+                    Ok(pb::LeaseKeepAliveResponse {
+                        header: api.header(rev),
+                        id: r.id,
+                        ttl,
+                    })
+                }
+            });
         Ok(Response::new(Box::pin(out)))
     }
 

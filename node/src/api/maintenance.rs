@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use tonic::{Request, Response, Status};
 
 /// The etcd API version raftkv implements, reported where etcd reports its version.
-pub const ETCD_API_VERSION: &str = "3.5.0";
+pub const ETCD_API_VERSION: &str = "3.6.0";
 
 pub struct MaintenanceService {
     api: Api,
@@ -99,7 +99,7 @@ impl Maintenance for MaintenanceService {
             raft_term: s.term,
             raft_applied_index: s.applied,
             errors,
-            db_size_in_use: store.live_data_size() as i64,
+            db_size_in_use: store.live_data_size().min(store.disk_size()) as i64,
             is_learner: s.is_learner(),
             storage_version: String::new(),
             db_size_quota: self.api.limits.quota_bytes as i64,

@@ -30,6 +30,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tonic::{Request, Status};
 
+/// The metadata key etcd clients set to require a leader.
+pub const REQUIRE_LEADER_KEY: &str = "hasleader";
+
 /// Request limits, as etcd's flags of the same meaning.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -77,6 +80,9 @@ pub struct ApiInner {
     pub logins: crate::auth::logins::LoginGuard,
     /// Set while the database is over its quota (etcd's NOSPACE alarm).
     pub nospace: AtomicBool,
+    /// Becomes true when the member stops: long-lived streams end so that shutdown is prompt
+    /// and their clients move to another member.
+    pub stopping: tokio::sync::watch::Sender<bool>,
     /// Advertised client URLs and name of this member.
     pub client_urls: Vec<String>,
     pub name: String,
@@ -107,6 +113,22 @@ impl Api {
             .get::<Caller>()
             .cloned()
             .ok_or_else(|| status::unauthenticated(&crate::auth::jwt::TokenError::Missing))
+    }
+
+    /// Resolves once the member is stopping.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stopping.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
+    /// True if the request asks for a leader (etcd's `hasleader` metadata, what clients set
+    /// with `WithRequireLeader`).
+    pub fn requires_leader(md: &tonic::metadata::MetadataMap) -> bool {
+        md.get(REQUIRE_LEADER_KEY)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == "true")
     }
 
     /// What one read may gather (`--max-response-bytes`).

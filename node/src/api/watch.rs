@@ -679,8 +679,12 @@ impl Watch for WatchService {
         req: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let caller = Api::caller(&req)?;
+        let require_leader = Api::requires_leader(req.metadata());
         let mut input = req.into_inner();
         let (out, rx) = mpsc::channel(OUT_QUEUE);
+        let stopped = self.api.stopped();
+        let election_timeout = self.api.consensus.election_timeout();
+        let mut leader_check = tokio::time::interval(election_timeout / 4);
         let mut latest = self.api.watches.subscribe();
         let expires = expiry_instant(caller.expires_at, self.api.authn.leeway());
         let mut session = Session {
@@ -703,6 +707,10 @@ impl Watch for WatchService {
                 }
             };
             tokio::pin!(expiry);
+            tokio::pin!(stopped);
+            // With `hasleader`, the stream ends once this member has had no leader for an
+            // election timeout (etcd's "no leader" for leader-required watches).
+            let mut leaderless_since: Option<tokio::time::Instant> = None;
             loop {
                 let behind = session.cursor <= *latest.borrow_and_update();
                 let alive = tokio::select! {
@@ -722,6 +730,27 @@ impl Watch for WatchService {
                             .send(Err(Status::unauthenticated(status::INVALID_TOKEN)))
                             .await;
                         false
+                    }
+                    _ = &mut stopped => {
+                        let _ = session.out.send(Err(Status::unavailable(status::STOPPED))).await;
+                        false
+                    }
+                    _ = leader_check.tick(), if require_leader => {
+                        if session.api.consensus.has_leader() {
+                            leaderless_since = None;
+                            true
+                        } else {
+                            let since = *leaderless_since.get_or_insert_with(tokio::time::Instant::now);
+                            if since.elapsed() >= election_timeout {
+                                let _ = session
+                                    .out
+                                    .send(Err(Status::unavailable(status::NO_LEADER)))
+                                    .await;
+                                false
+                            } else {
+                                true
+                            }
+                        }
                     }
                 };
                 if !alive {

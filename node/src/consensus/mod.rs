@@ -329,6 +329,10 @@ impl Consensus {
         *self.inner.applied.borrow()
     }
 
+    /// What this member knows. `leader` is the leader as this member can vouch for it now, as
+    /// etcd reports it: a leader that has not heard from a quorum within an election timeout
+    /// (it is cut off, and the others elect another) reports none, and so does a follower that
+    /// has not heard from its leader within one.
     pub fn status(&self) -> NodeStatus {
         let mut s = status_from(&self.inner.raft.metrics().borrow_watched());
         s.leader_contact_age_ms = self
@@ -338,7 +342,65 @@ impl Consensus {
             .ok()
             .and_then(|t| *t)
             .map(|t| t.elapsed().as_millis() as u64);
+        let limit = self.inner.config.election_timeout.as_millis() as u64;
+        let vouched = match s.leader {
+            Some(l) if l == s.id => {
+                s.voters.len() <= 1 || s.quorum_ack_age_ms.is_some_and(|a| a <= limit)
+            }
+            Some(_) => s.leader_contact_age_ms.is_some_and(|a| a <= limit),
+            None => false,
+        };
+        if !vouched {
+            s.leader = None;
+        }
         s
+    }
+
+    /// Whether this member can vouch for a leader now (see `status`).
+    pub fn has_leader(&self) -> bool {
+        self.status().leader.is_some()
+    }
+
+    /// Hands leadership to the most up-to-date other voter, if this member leads, and waits up
+    /// to `within` for it to move: what a member does before it stops, so that clients see no
+    /// election timeout.
+    pub async fn step_down(&self, within: Duration) -> bool {
+        if !self.is_leader() {
+            return false;
+        }
+        let s = self.status();
+        let Some((&to, _)) = s
+            .replication
+            .iter()
+            .filter(|(id, _)| **id != s.id && s.voters.contains(id))
+            .max_by_key(|(_, matched)| matched.unwrap_or(0))
+        else {
+            return false;
+        };
+        if self.inner.raft.trigger().transfer_leader(to).await.is_err() {
+            return false;
+        }
+        let mut rx = self.inner.raft.metrics();
+        let moved = async {
+            loop {
+                let l = rx.borrow_and_update().current_leader;
+                if l.is_some() && l != Some(self.id()) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let ok = tokio::time::timeout(within, moved).await.is_ok();
+        if ok {
+            tracing::info!(
+                node = self.id(),
+                to,
+                "handed leadership over before stopping"
+            );
+        }
+        ok
     }
 
     /// For a member that joins an existing cluster with empty storage: it grants no votes until
@@ -662,9 +724,11 @@ impl Consensus {
             Ok(Err(RaftError::APIError(
                 openraft::errors::LinearizableReadError::ForwardToLeader(_),
             ))) => Err(LocalError::Forward),
-            Ok(Err(RaftError::APIError(e))) => {
-                Err(LocalError::Failed(ProposeError::Unavailable(e.to_string())))
-            }
+            // One round of heartbeats missed its quorum (a busy machine, a follower restarting):
+            // the caller tries again until its deadline rather than failing the read at once.
+            Ok(Err(RaftError::APIError(
+                openraft::errors::LinearizableReadError::QuorumNotEnough(_),
+            ))) => Err(LocalError::Forward),
             Ok(Err(RaftError::Fatal(_))) => Err(LocalError::Failed(ProposeError::Stopped)),
         }
     }

@@ -384,22 +384,10 @@ impl Store {
         dir_size(&self.inner.dir)
     }
 
-    /// Bytes of live data in SST files and memtables across column families.
+    /// Bytes of live data in the SST files: what `disk_size` holds that compaction would keep
+    /// (etcd's "in use"). Data still in memtables is not on disk yet and is not counted.
     pub fn live_data_size(&self) -> u64 {
-        let mut total = 0;
-        for name in ALL_CFS {
-            if let Ok(cf) = self.cf(name) {
-                for prop in [
-                    "rocksdb.estimate-live-data-size",
-                    "rocksdb.cur-size-all-mem-tables",
-                ] {
-                    if let Ok(Some(v)) = self.inner.db.property_int_value_cf(cf, prop) {
-                        total += v;
-                    }
-                }
-            }
-        }
-        total
+        self.int_property_sum("rocksdb.estimate-live-data-size")
     }
 
     /// A RocksDB integer property summed over all column families (e.g. pending compaction bytes).

@@ -1,0 +1,210 @@
+//! What Kubernetes relies on from its etcd: a member that loses its leader says so (status,
+//! `hasleader` requests and watches), progress notifications never run ahead of events, a
+//! stopping leader hands over before it goes and ends its streams at once, and the reported
+//! version and sizes mean what etcd's mean.
+
+use raftkv_proto::etcdserverpb as pb;
+use raftkv_testkit::*;
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+fn require_leader<T>(mut r: tonic::Request<T>) -> tonic::Request<T> {
+    r.metadata_mut()
+        .insert("hasleader", "true".parse().unwrap());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_cut_off_from_the_others_reports_no_leader_and_ends_leader_required_watches() {
+    let mut c = Cluster::start(Options::default());
+    let leader = c.leader(Duration::from_secs(10)).await;
+    // A leader-required watch on the leader itself, which is about to lose its quorum.
+    let mut w = c.watch(leader).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+            pb::WatchCreateRequest {
+                key: b"k".to_vec(),
+                ..Default::default()
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    let mut stream = w
+        .watch(require_leader(authed(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            &c.token,
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().unwrap().created);
+    let cut = Instant::now();
+    for i in 0..3 {
+        if i != leader {
+            c.kill(i);
+        }
+    }
+    // Status says "no leader" within about an election timeout (500 ms here).
+    loop {
+        let s = c
+            .status(leader)
+            .await
+            .expect("status answers without a leader");
+        if s.leader == 0 {
+            assert!(s.errors.iter().any(|e| e.contains("no leader")));
+            break;
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(5),
+            "still claims to lead"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reported = cut.elapsed();
+    // The watch ends with etcd's error.
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(s) => return Some(s),
+            }
+        }
+    })
+    .await
+    .expect("the leader-required watch ends");
+    let end = end.expect("with an error");
+    assert_eq!(end.code(), Code::Unavailable);
+    assert_eq!(end.message(), "etcdserver: no leader");
+    // A leader-required request fails at once; a serializable read still works.
+    let mut kv = c.kv(leader).await;
+    let started = Instant::now();
+    let e = kv
+        .range(require_leader(authed(get_req("k"), &c.token)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let mut serializable = get_req("k");
+    serializable.serializable = true;
+    kv.range(authed(serializable, &c.token))
+        .await
+        .expect("serializable reads need no leader");
+    println!("isolated leader reported no leader after {reported:?}");
+    drop(tx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn progress_notifications_never_run_ahead_of_events() {
+    let c = Cluster::start(Options::default());
+    let (mut stream, tx) = c.open_watch(1, "p/", 0, &c.token).await;
+    let writer = {
+        let mut kv = c.kv(0).await;
+        let token = c.token.clone();
+        tokio::spawn(async move {
+            for i in 0..700 {
+                kv.put(authed(put_req(&format!("p/{i}"), "v"), &token))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let progress = pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(
+            pb::WatchProgressRequest {},
+        )),
+    };
+    let mut last_event = 0;
+    let mut last_progress = 0;
+    let mut events = 0;
+    let mut notifications = 0;
+    while events < 700 {
+        if events % 7 == 0 {
+            tx.send(progress.clone()).await.unwrap();
+        }
+        let m = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let rev = m.header.as_ref().map(|h| h.revision).unwrap_or(0);
+        if m.events.is_empty() {
+            // A progress notification: everything up to `rev` has been delivered.
+            assert!(
+                rev >= last_event,
+                "progress at {rev} behind event {last_event}"
+            );
+            last_progress = last_progress.max(rev);
+            notifications += 1;
+            continue;
+        }
+        for e in &m.events {
+            let r = e.kv.as_ref().unwrap().mod_revision;
+            assert!(
+                r > last_progress,
+                "event at {r} arrived after a progress notification at {last_progress}"
+            );
+            assert!(r > last_event);
+            last_event = r;
+            events += 1;
+        }
+    }
+    writer.await.unwrap();
+    assert!(notifications > 10, "{notifications} progress notifications");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopping_leader_hands_over_and_ends_its_streams_promptly() {
+    let mut c = Cluster::start(Options::default());
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let old_id = c.members[leader].id;
+    let (mut stream, _tx) = c.open_watch(leader, "s/", 0, &c.token).await;
+    let other = (leader + 1) % 3;
+    let started = Instant::now();
+    c.stop(leader);
+    let stopped_in = started.elapsed();
+    assert!(
+        stopped_in < Duration::from_secs(4),
+        "stopping took {stopped_in:?}"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(Some(_)) = stream.message().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the watch stream ended with the member");
+    // Leadership was handed over: the others have a leader already, with no election wait.
+    let s = c.status(other).await.expect("status");
+    assert!(s.leader != 0 && s.leader != old_id, "leader {:x}", s.leader);
+    let mut kv = c.kv(other).await;
+    kv.put(authed(put_req("s/after", "v"), &c.token))
+        .await
+        .expect("writes go on at once");
+    println!("leader stopped in {stopped_in:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_reports_etcd_3_6_and_in_use_never_above_size() {
+    let c = Cluster::start(Options::default());
+    let mut kv = c.kv(0).await;
+    for i in 0..200 {
+        kv.put(authed(
+            put_req(&format!("sz/{i}"), &"x".repeat(4096)),
+            &c.token,
+        ))
+        .await
+        .unwrap();
+    }
+    for i in 0..3 {
+        let s = c.status(i).await.unwrap();
+        assert_eq!(s.version, "3.6.0");
+        assert!(s.db_size > 0);
+        assert!(
+            s.db_size_in_use <= s.db_size,
+            "in use {} > size {}",
+            s.db_size_in_use,
+            s.db_size
+        );
+    }
+}
