@@ -92,7 +92,7 @@ impl Authority {
         if cert_path.exists() && key_path.exists() {
             let cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
             let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
-            return Authority::from_pem(name, &cert_pem, &key_pem);
+            return Authority::from_pem(&cert_pem, &key_pem);
         }
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let ca = Authority::generate(name, Duration::from_secs(10 * 365 * 86_400))?;
@@ -101,14 +101,29 @@ impl Authority {
         Ok(ca)
     }
 
-    /// A CA from its PEM certificate and key. Only the key and the subject name matter for
-    /// signing, so the parameters are rebuilt with the same name rather than parsed.
-    pub fn from_pem(name: &str, cert_pem: &str, key_pem: &str) -> Result<Authority, CertError> {
+    /// A CA this crate made, from its PEM certificate and key. Only the key and the subject
+    /// name matter for signing; the name is read from the certificate (a CA of another making
+    /// may have a subject this crate cannot rebuild: it is refused rather than misused).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Authority, CertError> {
+        use rustls_pki_types::pem::PemObject;
         let key = KeyPair::from_pem(key_pem)?;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| CertError::Invalid(format!("the CA certificate is not PEM: {e}")))?;
+        let name = subject_common_name(&der).ok_or_else(|| {
+            CertError::Invalid("the CA certificate has no readable common name".into())
+        })?;
+        let params = ca_params(&name, Duration::from_secs(86_400));
+        // Signing with a rebuilt subject only works if it is byte for byte the CA's.
+        let rebuilt = params.self_signed(&key)?;
+        if subject_der(rebuilt.der()) != subject_der(&der) {
+            return Err(CertError::Invalid(format!(
+                "the CA certificate's subject is not one raftkv makes (CN={name:?}, O=raftkv)"
+            )));
+        }
         Ok(Authority {
             cert_pem: cert_pem.to_string(),
             key,
-            params: ca_params(name, Duration::from_secs(86_400)),
+            params,
         })
     }
 
@@ -183,6 +198,86 @@ fn san(host: &str) -> Result<SanType, CertError> {
     }
 }
 
+/// One DER TLV: (tag, content, the whole item, rest). Definite lengths of up to 4 bytes only.
+fn der_item(b: &[u8]) -> Option<(u8, &[u8], &[u8], &[u8])> {
+    let (&tag, rest) = b.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest, header) = if first < 0x80 {
+        (first as usize, rest, 2)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        (len, &rest[n..], 2 + n)
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &b[..header + len], &rest[len..]))
+}
+
+/// The subject `Name` of a certificate, as DER. Never panics, whatever the bytes.
+pub fn subject_der(cert: &[u8]) -> Option<&[u8]> {
+    let (_, certificate, _, _) = der_item(cert)?;
+    let (_, tbs, _, _) = der_item(certificate)?;
+    let mut rest = tbs;
+    // [0] version, when present.
+    if rest.first() == Some(&0xa0) {
+        rest = der_item(rest)?.3;
+    }
+    // serialNumber, signature, issuer, validity, then subject.
+    for _ in 0..4 {
+        rest = der_item(rest)?.3;
+    }
+    let (tag, _, whole, _) = der_item(rest)?;
+    (tag == 0x30).then_some(whole)
+}
+
+/// The common name in a DER `Name`, if it has exactly one readable CN. Never panics.
+pub fn common_name_of(name: &[u8]) -> Option<String> {
+    const CN_OID: &[u8] = &[0x55, 0x04, 0x03];
+    let (tag, mut rdns, _, _) = der_item(name)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let mut found = None;
+    while !rdns.is_empty() {
+        let (tag, set, _, rest) = der_item(rdns)?;
+        rdns = rest;
+        if tag != 0x31 {
+            return None;
+        }
+        let mut atvs = set;
+        while !atvs.is_empty() {
+            let (tag, atv, _, rest) = der_item(atvs)?;
+            atvs = rest;
+            if tag != 0x30 {
+                return None;
+            }
+            let (oid_tag, oid, _, value) = der_item(atv)?;
+            if oid_tag != 0x06 || oid != CN_OID {
+                continue;
+            }
+            let (vtag, v, _, _) = der_item(value)?;
+            // UTF8String, PrintableString, IA5String, TeletexString.
+            if !matches!(vtag, 0x0c | 0x13 | 0x16 | 0x14) || found.is_some() {
+                return None;
+            }
+            found = Some(String::from_utf8(v.to_vec()).ok()?);
+        }
+    }
+    found
+}
+
+/// The subject common name of a DER certificate.
+pub fn subject_common_name(cert: &[u8]) -> Option<String> {
+    common_name_of(subject_der(cert)?)
+}
+
 /// Writes a private key (or any secret) readable by its owner only.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CertError> {
     use std::io::Write;
@@ -242,6 +337,28 @@ mod tests {
             assert_eq!(mode, 0o600);
         }
         assert!(b.member("n", &[], Duration::from_secs(60)).is_err());
+        // A CA with its own name reloads with it (its certificates chain to it).
+        let other = tempfile::tempdir().unwrap();
+        let named = Authority::load_or_create(other.path(), "e2e store CA").unwrap();
+        let again = Authority::load_or_create(other.path(), "ignored: the file decides").unwrap();
+        assert_eq!(named.cert_pem, again.cert_pem);
+        let der = |pem: &str| {
+            use rustls_pki_types::pem::PemObject;
+            rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+        };
+        let member = again
+            .member("m", &["localhost".into()], Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(
+            subject_common_name(&der(&named.cert_pem)).as_deref(),
+            Some("e2e store CA")
+        );
+        let issued = der(&member.cert_pem);
+        assert_eq!(subject_common_name(&issued).as_deref(), Some("m"));
+        for i in 0..5000u32 {
+            let b: Vec<u8> = (0..(i % 200)).map(|j| (j * 7 + i) as u8).collect();
+            let _ = subject_common_name(&b);
+        }
         assert!(
             b.member("n", &["bäd".into()], Duration::from_secs(60))
                 .is_err()

@@ -136,6 +136,46 @@ impl ControlPlane {
         self.kubectl(&["apply", "-f", path.to_str().unwrap_or_default()])
     }
 
+    /// What the API server stores in: `raftkv` (the default) or `etcd`.
+    pub fn store(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("store"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+
+    fn cluster_sh(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("bash")
+            .arg(repo().join("e2e/cluster.sh"))
+            .args(args)
+            .env("RAFTKV_BIN", workspace_bin("raftkv"))
+            .output()
+            .map_err(|e| e.to_string())?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!(
+                "cluster.sh {}: {stdout}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// etcdctl against the raftkv store, as its root user (by client certificate).
+    pub fn store_etcdctl(&self, args: &[&str]) -> Result<String, String> {
+        let dir = self.dir.path().to_string_lossy().into_owned();
+        let mut a = vec!["etcdctl", dir.as_str()];
+        a.extend_from_slice(args);
+        self.cluster_sh(&a)
+    }
+
+    /// SIGKILLs (`kill`) or starts again (`start`) member `n` (1-3) of the raftkv store.
+    pub fn store_member(&self, n: u32, action: &str) -> Result<String, String> {
+        let dir = self.dir.path().to_string_lossy().into_owned();
+        self.cluster_sh(&["store-member", &dir, &n.to_string(), action])
+    }
+
     /// The process logs of the control plane and the pods, for failure reports.
     pub fn logs_dir(&self) -> PathBuf {
         self.dir.path().to_path_buf()

@@ -291,6 +291,179 @@ fn helm_install_runs_the_operator_under_its_own_rbac(env: &Env) {
     assert_eq!(lease["spec"]["holderIdentity"], pod["metadata"]["name"]);
 }
 
+/// kube-apiserver with raftkv as its store (over TLS, identified by its client certificate):
+/// paginated lists, watches from a resourceVersion, 410 once the store compacted, Events on
+/// leases that expire, and a store member killed under it.
+fn the_api_server_keeps_its_guarantees_on_raftkv(env: &Env) {
+    let cp = &env.cp;
+    if cp.store() != "raftkv" {
+        println!("    skipped: the API server stores in {}", cp.store());
+        return;
+    }
+    let ns = "on-raftkv";
+    cp.k(&["create", "namespace", ns]);
+    let items: Vec<String> = (0..120)
+        .map(|i| {
+            format!(
+                "{{\"apiVersion\":\"v1\",\"kind\":\"ConfigMap\",\"metadata\":{{\"name\":\"cm-{i}\",\"namespace\":\"{ns}\"}},\"data\":{{\"n\":\"{i}\"}}}}"
+            )
+        })
+        .collect();
+    cp.apply(&format!(
+        "{{\"apiVersion\":\"v1\",\"kind\":\"List\",\"items\":[{}]}}",
+        items.join(",")
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    // kubectl pages through with limit and continue tokens.
+    let listed = cp.k(&[
+        "get",
+        "configmaps",
+        "-n",
+        ns,
+        "--chunk-size",
+        "25",
+        "-o",
+        "name",
+    ]);
+    let names: Vec<&str> = listed
+        .lines()
+        .filter(|l| l.starts_with("configmap/cm-"))
+        .collect();
+    assert_eq!(names.len(), 120, "{listed}");
+    // A watch from a resourceVersion sees exactly what came after it.
+    // (kubectl get -o json wraps lists in a List without a resourceVersion: ask the API.)
+    let list: Value = serde_json::from_str(&cp.k(&[
+        "get",
+        "--raw",
+        &format!("/api/v1/namespaces/{ns}/configmaps?limit=1"),
+    ]))
+    .unwrap();
+    let rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!rv.is_empty(), "{list}");
+    cp.k(&["create", "configmap", "after-rv", "-n", ns]);
+    let watched = cp.k(&[
+        "get",
+        "--raw",
+        &format!(
+            "/api/v1/namespaces/{ns}/configmaps?watch=1&resourceVersion={rv}&timeoutSeconds=2"
+        ),
+    ]);
+    assert!(watched.contains("after-rv"), "{watched}");
+    assert!(
+        !watched.contains("\"cm-7\""),
+        "only what came after: {watched}"
+    );
+    // Pod templates bypass the API server's watch cache (--watch-cache-sizes podtemplates#0):
+    // their watches and exact-revision lists come from the store, so its compaction shows as
+    // 410 Gone, and a watch from the compaction revision itself still gets its events.
+    let template = |name: &str| {
+        format!(
+            "{{\"apiVersion\":\"v1\",\"kind\":\"PodTemplate\",\"metadata\":{{\"name\":\"{name}\",\"namespace\":\"{ns}\"}},\"template\":{{\"spec\":{{\"containers\":[{{\"name\":\"c\",\"image\":\"x\"}}]}}}}}}"
+        )
+    };
+    cp.apply(&template("pt-1"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let list: Value = serde_json::from_str(&cp.k(&[
+        "get",
+        "--raw",
+        &format!("/api/v1/namespaces/{ns}/podtemplates?limit=1"),
+    ]))
+    .unwrap();
+    let old_rv: i64 = list["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    cp.apply(&template("pt-2"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Compact exactly at pt-2's revision (other writers keep the store moving meanwhile).
+    let now: i64 =
+        cp.json(&["get", "podtemplate", "pt-2", "-n", ns])["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+    assert!(now > old_rv);
+    cp.store_etcdctl(&["compaction", &now.to_string()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let watch_from = |rv: i64| {
+        cp.k(&[
+            "get",
+            "--raw",
+            &format!(
+                "/api/v1/namespaces/{ns}/podtemplates?watch=1&resourceVersion={rv}&timeoutSeconds=1"
+            ),
+        ])
+    };
+    let gone = watch_from(old_rv - 1);
+    assert!(gone.contains("\"code\":410"), "{gone}");
+    let latest = watch_from(now - 1);
+    assert!(
+        latest.contains("pt-2") && !latest.contains("410"),
+        "{latest}"
+    );
+    let expired = cp
+        .kubectl(&[
+            "get",
+            "--raw",
+            &format!("/api/v1/namespaces/{ns}/podtemplates?resourceVersion={old_rv}&resourceVersionMatch=Exact"),
+        ])
+        .expect_err("a list at a compacted revision");
+    assert!(
+        expired.contains("Expired") || expired.contains("too old"),
+        "{expired}"
+    );
+    // Events live on store leases (--event-ttl 45s) and go when those expire.
+    cp.apply(&format!(
+        "{{\"apiVersion\":\"v1\",\"kind\":\"Event\",\"metadata\":{{\"name\":\"ttl-event\",\"namespace\":\"{ns}\"}},\"involvedObject\":{{\"apiVersion\":\"v1\",\"kind\":\"ConfigMap\",\"name\":\"cm-0\",\"namespace\":\"{ns}\"}},\"reason\":\"Testing\",\"message\":\"lives on a lease\",\"type\":\"Normal\"}}"
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let stored: Value = serde_json::from_str(
+        &cp.store_etcdctl(&[
+            "get",
+            &format!("/registry/events/{ns}/ttl-event"),
+            "-w",
+            "json",
+        ])
+        .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .unwrap();
+    assert!(
+        stored["kvs"][0]["lease"].as_i64().unwrap_or(0) != 0,
+        "the event is attached to a lease: {stored}"
+    );
+    wait_for(
+        "the event to expire with its lease",
+        Duration::from_secs(150),
+        || match cp.kubectl(&["get", "event", "ttl-event", "-n", ns]) {
+            Err(e) if e.contains("NotFound") || e.contains("not found") => Ok(()),
+            Err(e) => Err(e),
+            Ok(_) => Err("still there".to_string()),
+        },
+    );
+    // A store member dies under the API server: it keeps serving reads and writes.
+    cp.store_member(1, "kill").unwrap_or_else(|e| panic!("{e}"));
+    let started = Instant::now();
+    for i in 0..10 {
+        let name = format!("during-outage-{i}");
+        wait_for(
+            "a write with a store member down",
+            Duration::from_secs(30),
+            || cp.kubectl(&["create", "configmap", &name, "-n", ns]),
+        );
+    }
+    let listed = cp.k(&["get", "configmaps", "-n", ns, "-o", "name"]);
+    assert!(listed.contains("during-outage-9"));
+    println!(
+        "    10 writes through the API server with a store member down in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    cp.store_member(1, "start")
+        .unwrap_or_else(|e| panic!("{e}"));
+    cp.k(&["delete", "namespace", ns, "--wait=false"]);
+}
+
 fn a_kvcluster_becomes_an_available_cluster_clients_can_use(env: &Env) {
     env.cp.k(&["create", "namespace", NS]);
     env.cp
@@ -629,7 +802,7 @@ fn operator_end_to_end() {
         started.elapsed().as_secs_f64(),
         env.cp.logs_dir().display()
     );
-    let scenarios: [Scenario; 8] = [
+    let scenarios: [Scenario; 9] = [
         (
             "helm_install_runs_the_operator_under_its_own_rbac",
             helm_install_runs_the_operator_under_its_own_rbac,
@@ -661,6 +834,11 @@ fn operator_end_to_end() {
         (
             "deleting_the_kvcluster_collects_its_objects_and_keeps_volumes",
             deleting_the_kvcluster_collects_its_objects_and_keeps_volumes,
+        ),
+        // Last: events expire after 45 s here (--event-ttl), which it waits for.
+        (
+            "the_api_server_keeps_its_guarantees_on_raftkv",
+            the_api_server_keeps_its_guarantees_on_raftkv,
         ),
     ];
     for (name, run) in scenarios {

@@ -168,67 +168,7 @@ pub fn url_host(url: &str) -> Option<String> {
 
 /// The subject common name of a certificate, if it has exactly one readable CN.
 pub fn common_name(der: &CertificateDer<'_>) -> Option<String> {
-    let cert = webpki::EndEntityCert::try_from(der).ok()?;
-    cn_from_name(cert.subject())
-}
-
-/// Finds the CN in a DER `Name` (the content of the SEQUENCE of RDNs). Never panics.
-fn cn_from_name(name: &[u8]) -> Option<String> {
-    const CN_OID: &[u8] = &[0x55, 0x04, 0x03];
-    let mut found = None;
-    let mut rdns = name;
-    while !rdns.is_empty() {
-        let (tag, set, rest) = der_item(rdns)?;
-        rdns = rest;
-        if tag != 0x31 {
-            return None;
-        }
-        let mut atvs = set;
-        while !atvs.is_empty() {
-            let (tag, atv, rest) = der_item(atvs)?;
-            atvs = rest;
-            if tag != 0x30 {
-                return None;
-            }
-            let (oid_tag, oid, value) = der_item(atv)?;
-            if oid_tag != 0x06 || oid != CN_OID {
-                continue;
-            }
-            let (vtag, v, _) = der_item(value)?;
-            // UTF8String, PrintableString, IA5String, TeletexString (as Latin-1 would be wrong:
-            // refuse anything not valid UTF-8).
-            if !matches!(vtag, 0x0c | 0x13 | 0x16 | 0x14) {
-                return None;
-            }
-            if found.is_some() {
-                return None;
-            }
-            found = Some(String::from_utf8(v.to_vec()).ok()?);
-        }
-    }
-    found
-}
-
-/// One DER TLV: (tag, content, rest). Only definite lengths up to 4 bytes.
-fn der_item(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = b.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (first as usize, rest)
-    } else {
-        let n = (first & 0x7f) as usize;
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
-        (len, &rest[n..])
-    };
-    if rest.len() < len {
-        return None;
-    }
-    Some((tag, &rest[..len], &rest[len..]))
+    raftkv_certs::subject_common_name(der)
 }
 
 /// What the peer port requires of the certificate a connecting member presents.
@@ -397,7 +337,7 @@ mod tests {
         assert_eq!(url_host("https://:1"), None);
         for i in 0..2000u32 {
             let b: Vec<u8> = (0..(i % 80)).map(|_| rand::random()).collect();
-            let _ = cn_from_name(&b);
+            let _ = common_name(&CertificateDer::from(b));
         }
     }
 }

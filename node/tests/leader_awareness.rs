@@ -208,3 +208,72 @@ async fn status_reports_etcd_3_6_and_in_use_never_above_size() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_from_the_compacted_revision_sees_its_events_and_older_ones_get_the_error() {
+    let c = Cluster::start(Options::default());
+    let mut kv = c.kv(0).await;
+    kv.put(authed(put_req("cw/a", "1"), &c.token))
+        .await
+        .unwrap();
+    let at = kv
+        .put(authed(put_req("cw/b", "2"), &c.token))
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    kv.compact(authed(
+        pb::CompactionRequest {
+            revision: at,
+            physical: true,
+        },
+        &c.token,
+    ))
+    .await
+    .unwrap();
+    // From the compaction revision: the write made at it is delivered, not silence.
+    let (mut stream, _tx) = c.open_watch(1, "cw/", at, &c.token).await;
+    let m = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an event")
+        .unwrap()
+        .unwrap();
+    assert!(!m.canceled, "{m:?}");
+    assert_eq!(m.events[0].kv.as_ref().unwrap().key, b"cw/b");
+    // From before it: the compaction error with the compacted revision.
+    let mut w = c.watch(1).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+            pb::WatchCreateRequest {
+                key: b"cw/".to_vec(),
+                range_end: raftkv::model::prefix_end(b"cw/"),
+                start_revision: at - 1,
+                ..Default::default()
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    let mut old = w
+        .watch(authed(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            &c.token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut canceled = None;
+    for _ in 0..3 {
+        let m = old.message().await.unwrap().unwrap();
+        if m.canceled {
+            canceled = Some(m);
+            break;
+        }
+    }
+    let m = canceled.expect("the watch is cancelled");
+    assert_eq!(m.compact_revision, at);
+    assert!(m.events.is_empty());
+}

@@ -1246,8 +1246,10 @@ impl<'a> WriteTxn<'a> {
                 }
             }
         }
+        // The compaction revision itself stays in the index: its records are kept, and a
+        // watcher may still start there (etcd allows a watch from the compacted revision).
         self.batch
-            .delete_range_cf(revs, revision_key(0, 0), revision_key(revision + 1, 0));
+            .delete_range_cf(revs, revision_key(0, 0), revision_key(revision, 0));
         self.base.compacted = revision;
         Ok(())
     }

@@ -103,7 +103,7 @@ fn peer_tls_at(
     now: std::time::SystemTime,
 ) -> Result<Secret, raftkv_certs::CertError> {
     let n = Names::of(kvc);
-    let ca = raftkv_certs::Authority::from_pem(CA_NAME, ca_cert, ca_key)?;
+    let ca = raftkv_certs::Authority::from_pem(ca_cert, ca_key)?;
     let mut data = BTreeMap::from([(CA_CERT_KEY.to_string(), ca_cert.to_string())]);
     for ordinal in 0..MAX_MEMBERS {
         let pod = n.pod(ordinal);

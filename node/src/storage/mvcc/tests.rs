@@ -553,3 +553,30 @@ fn history_pages_are_bounded_and_filtered() {
     assert!(seen.windows(2).all(|w| w[0].0 < w[1].0));
     assert!(pages >= 2);
 }
+
+#[test]
+fn events_at_the_compacted_revision_stay_readable() {
+    let mut db = Db::new();
+    db.put("a", "1");
+    db.put("b", "1");
+    db.put("a", "2");
+    let at = db.store.read_view().unwrap().revision;
+    db.write(|t| t.compact(at)).unwrap();
+    let view = db.store.read_view().unwrap();
+    let (events, more) = view.events_page(at, at, usize::MAX, &|_| true).unwrap();
+    assert!(more.is_none());
+    assert_eq!(events.len(), 1, "the write at the compaction revision");
+    assert_eq!(events[0].1.kv.value, b"2");
+    // Earlier revisions are gone from the index.
+    let (before, _) = view.events_page(2, at - 1, usize::MAX, &|_| true).unwrap();
+    assert!(before.is_empty());
+    // Compacting later still works and drops what is now behind.
+    drop(view);
+    db.put("c", "1");
+    let next = db.store.read_view().unwrap().revision;
+    db.write(|t| t.compact(next)).unwrap();
+    let view = db.store.read_view().unwrap();
+    let (left, _) = view.events_page(1, next, usize::MAX, &|_| true).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].1.kv.key, b"c");
+}
