@@ -198,8 +198,11 @@ fn san(host: &str) -> Result<SanType, CertError> {
     }
 }
 
-/// One DER TLV: (tag, content, the whole item, rest). Definite lengths of up to 4 bytes only.
-fn der_item(b: &[u8]) -> Option<(u8, &[u8], &[u8], &[u8])> {
+/// One DER TLV: (tag, content, the whole item, rest).
+type Tlv<'a> = (u8, &'a [u8], &'a [u8], &'a [u8]);
+
+/// Reads one DER TLV. Definite lengths of up to 4 bytes only.
+fn der_item(b: &[u8]) -> Option<Tlv<'_>> {
     let (&tag, rest) = b.split_first()?;
     let (&first, rest) = rest.split_first()?;
     let (len, rest, header) = if first < 0x80 {
