@@ -1,0 +1,123 @@
+//! etcd's own Go clients against raftkv, and the same tests against a real etcd: locks,
+//! elections and STM of clientv3/concurrency, the Lock and Election services through their
+//! generated clients, progress notifications under 650 writes, and a leader-required watch on a
+//! member cut off from the others (etcd-clients/clients_test.go). A failure on etcd means the
+//! test is wrong; a failure on raftkv, that raftkv is.
+
+use raftkv_testkit::*;
+use std::path::Path;
+use std::process::Command;
+
+fn go_test(endpoints: &[String], user: Option<(&str, &str)>, pids: &[u32], skip: &str) -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../etcd-clients");
+    let mut cmd = Command::new("go");
+    cmd.current_dir(&dir)
+        .args(["test", "-count=1", "-v", "-timeout", "10m"])
+        .env("ETCD_CLIENTS_ENDPOINTS", endpoints.join(","))
+        .env(
+            "ETCD_CLIENTS_PIDS",
+            pids.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    if !skip.is_empty() {
+        cmd.args(["-skip", skip]);
+    }
+    if let Some((u, p)) = user {
+        cmd.env("ETCD_CLIENTS_USER", u)
+            .env("ETCD_CLIENTS_PASSWORD", p);
+    }
+    let out = cmd.output().expect("go is installed");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "go test failed:\n{text}");
+    text
+}
+
+#[test]
+fn stock_go_clients_work_against_raftkv() {
+    let c = Cluster::start(Options::default());
+    let endpoints: Vec<String> = c
+        .members
+        .iter()
+        .map(|m| format!("127.0.0.1:{}", m.ports.client))
+        .collect();
+    let pids: Vec<u32> = c
+        .members
+        .iter()
+        .filter_map(|m| m.child.as_ref().map(|ch| ch.id()))
+        .collect();
+    let out = go_test(&endpoints, Some(("root", &c.root_password)), &pids, "");
+    for line in out
+        .lines()
+        .filter(|l| l.contains("---") || l.contains("ended"))
+    {
+        println!("{line}");
+    }
+}
+
+#[test]
+fn the_same_go_tests_pass_against_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut children = Vec::new();
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let initial: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, p))| format!("e{i}=http://127.0.0.1:{p}"))
+        .collect();
+    for (i, (c, p)) in ports.iter().enumerate() {
+        let log = std::fs::File::create(dir.path().join(format!("etcd{i}.log"))).unwrap();
+        children.push(
+            Command::new("etcd")
+                .args(["--name", &format!("e{i}")])
+                .arg("--data-dir")
+                .arg(dir.path().join(format!("e{i}")))
+                .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
+                .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{p}")])
+                .args([
+                    "--initial-advertise-peer-urls",
+                    &format!("http://127.0.0.1:{p}"),
+                ])
+                .args(["--initial-cluster", &initial.join(",")])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("start etcd"),
+        );
+    }
+    let endpoints: Vec<String> = ports
+        .iter()
+        .map(|(c, _)| format!("127.0.0.1:{c}"))
+        .collect();
+    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &endpoints.join(","), "endpoint", "health"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+    {
+        assert!(std::time::Instant::now() < deadline, "etcd did not start");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let out = go_test(&endpoints, None, &pids, "");
+    for line in out
+        .lines()
+        .filter(|l| l.contains("---") || l.contains("ended"))
+    {
+        println!("{line}");
+    }
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
