@@ -123,8 +123,21 @@ pub struct ServeArgs {
 
     /// Most bytes of key-values one read (a range or a read-only transaction) may gather on a
     /// member; larger reads are refused with ResourceExhausted and should page with `limit`.
-    #[arg(long, env = "RAFTKV_MAX_RESPONSE_BYTES", default_value_t = 1 << 30)]
+    #[arg(long, env = "RAFTKV_MAX_RESPONSE_BYTES", default_value_t = 256 << 20)]
     pub max_response_bytes: u64,
+
+    /// Most bytes of key-values all reads on this member may hold at once; a read that would
+    /// pass it is refused with ResourceExhausted (retry, or read less at a time).
+    #[arg(long, env = "RAFTKV_MAX_INFLIGHT_READ_BYTES", default_value_t = 1 << 30)]
+    pub max_inflight_read_bytes: u64,
+
+    /// Most leases the cluster holds at once.
+    #[arg(long, env = "RAFTKV_MAX_LEASES", default_value_t = 1_000_000)]
+    pub max_leases: usize,
+
+    /// Most watchers one watch stream may have.
+    #[arg(long, env = "RAFTKV_MAX_WATCHERS_PER_STREAM", default_value_t = 10_000)]
+    pub max_watchers_per_stream: usize,
 
     /// Most client connections open at once; further connections are closed on accept.
     #[arg(long, env = "RAFTKV_MAX_CLIENT_CONNECTIONS", default_value_t = 10_000)]

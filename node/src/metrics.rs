@@ -148,6 +148,10 @@ impl Metrics {
                     "raftkv_client_connections_unauthenticated_closed_total",
                     "Client connections closed for making no authenticated request in time.",
                 ),
+                open: gauge(
+                    "raftkv_client_connections_open",
+                    "Client connections open now (bounded by --max-client-connections).",
+                ),
             },
             watch_ring_bytes: gauge(
                 "raftkv_watch_ring_bytes",

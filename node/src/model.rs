@@ -329,6 +329,20 @@ pub enum Command {
     LeaseRevoke { id: i64 },
 }
 
+/// What applying did to the leases, for the leader's expiry clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseChange {
+    Granted {
+        id: i64,
+        ttl: i64,
+    },
+    Revoked {
+        id: i64,
+    },
+    /// The state was replaced (a snapshot was installed): read every lease again.
+    Reset,
+}
+
 /// Identifies an encryption key without revealing it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealKey {
@@ -395,6 +409,9 @@ pub enum ApplyError {
     ResponseTooLarge(u64),
     #[error("etcdserver: too large lease TTL")]
     LeaseTtlTooLarge,
+    /// Reads on this member already hold as much memory as it allows (not from the log).
+    #[error("etcdserver: too many reads in progress on this member; retry, or read less at a time")]
+    Busy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

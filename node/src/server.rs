@@ -170,6 +170,9 @@ async fn listen(addr: &str) -> Result<TcpListener, NodeError> {
         })
 }
 
+/// Streams a connection may reset before the server accepts them without losing the connection.
+const MAX_PENDING_RESETS: usize = 10_000;
+
 /// HTTP/2 header bytes a client request may carry (tokens are refused above
 /// `jwt::MAX_TOKEN_BYTES`, well below this).
 const MAX_HEADER_LIST_BYTES: u32 = 256 * 1024;
@@ -240,12 +243,14 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
         }));
     }
     let watches = api::watch::WatchHub::new(Some(metrics.watch_ring_bytes.clone()));
+    let lease_clock = api::lease::LeaseClock::default();
     let hooks = {
         let ok = metrics.applied_ok.clone();
         let refused = metrics.applied_refused.clone();
         let installs = metrics.snapshot_installs.clone();
         let install_secs = metrics.snapshot_install_seconds.clone();
         ApplyHooks {
+            leases: lease_clock.hook(),
             events: watches.sink(),
             outcome: Arc::new(move |good| if good { ok.inc() } else { refused.inc() }),
             snapshot_installed: Arc::new(move |_, d| {
@@ -316,7 +321,12 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
 
     // Peer port first: other members may be waiting for us.
     let peer_listener = listen(&args.listen_peer).await?;
-    let peer_server = Server::builder();
+    // A member that wakes from a stall finds many requests its peers gave up on: their resets
+    // must not cost the connection (hyper's default tolerates 20 before GOAWAY).
+    let peer_server = Server::builder()
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)));
     let peer_server_tls: Option<tls::SharedServerConfig> = match &peer_tls {
         Some((_, server_tls, _)) => {
             let c = consensus.clone();
@@ -408,8 +418,11 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
         max_txn_total_ops: args.max_txn_total_ops,
         max_response_bytes: args.max_response_bytes,
         quota_bytes: args.quota_backend_bytes,
+        max_leases: args.max_leases,
+        max_watchers_per_stream: args.max_watchers_per_stream,
     };
-    let leases = api::lease::LeaseKeeper::new(consensus.clone(), args.election_timeout());
+    let leases =
+        api::lease::LeaseKeeper::new(consensus.clone(), args.election_timeout(), lease_clock);
     consensus.set_leader_handler(leases.leader_handler());
     let api = Api::new(ApiInner {
         executor: executor.clone(),
@@ -421,6 +434,9 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
         leases: leases.clone(),
         metrics: metrics.clone(),
         logins: Default::default(),
+        read_inflight: Arc::new(crate::storage::mvcc::InflightBytes::new(
+            args.max_inflight_read_bytes,
+        )),
         nospace: AtomicBool::new(false),
         stopping: tokio::sync::watch::channel(false).0,
         client_urls: me.client_urls.clone(),
@@ -438,6 +454,9 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
     let client_listener = listen(&args.listen_client).await?;
     let mut client_server = Server::builder()
         .tcp_nodelay(true)
+        // Clients cancel requests that time out (a member stalled, a leader changed): those
+        // resets must not make the member drop their connections.
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
         // Room for any token a client may send, so an oversized one is answered with
         // Unauthenticated instead of costing the connection.
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES);

@@ -619,10 +619,50 @@ impl tokio::io::AsyncWrite for PeerConn {
     }
 }
 
-/// How long a peer has to complete the TLS handshake.
-const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a peer has to complete the TLS handshake (members finish in milliseconds).
+const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handshakes in progress at once; more connections wait to be accepted.
-const PEER_HANDSHAKES: usize = 64;
+const PEER_HANDSHAKES: usize = 256;
+/// Handshakes in progress at once from one address; more from it are closed at once, so one
+/// host that opens sockets and stalls cannot hold every slot and keep the members out.
+const PEER_HANDSHAKES_PER_ADDRESS: usize = 8;
+
+/// Handshakes in progress per remote address.
+#[derive(Default)]
+struct HandshakesByAddress(Mutex<HashMap<std::net::IpAddr, usize>>);
+
+/// One handshake counted against its address until dropped.
+struct AddressSlot {
+    by: Arc<HandshakesByAddress>,
+    ip: std::net::IpAddr,
+}
+
+impl HandshakesByAddress {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<AddressSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= PEER_HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            by: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut m = self.by.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// Accepts peer connections: each TLS handshake runs on its own task under a timeout (a
 /// stalled or hostile client cannot hold up the others), and only connections whose member
@@ -633,6 +673,7 @@ pub fn peer_incoming(
 ) -> impl futures::Stream<Item = std::io::Result<PeerConn>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<PeerConn>>(16);
     let slots = Arc::new(tokio::sync::Semaphore::new(PEER_HANDSHAKES));
+    let by_address = Arc::new(HandshakesByAddress::default());
     tokio::spawn(async move {
         loop {
             if tx.is_closed() {
@@ -669,8 +710,13 @@ pub fn peer_incoming(
                     }
                 }
                 Some(acceptor) => {
+                    let Some(address_slot) = by_address.take(remote.ip()) else {
+                        tracing::debug!(%remote, "too many peer handshakes from one address; closing");
+                        continue;
+                    };
                     tokio::spawn(async move {
                         let _permit = permit;
+                        let _address_slot = address_slot;
                         match tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
                             .await
                         {

@@ -97,6 +97,39 @@ async fn password_guessing_is_throttled() {
         .expect("the allowance comes back");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn guesses_sent_all_at_once_get_no_more_than_the_allowance() {
+    let c = Cluster::start(Options::default());
+    let auth = c.auth(0).await;
+    let guesses: Vec<_> = (0..60)
+        .map(|i| {
+            let mut auth = auth.clone();
+            tokio::spawn(async move {
+                auth.authenticate(pb::AuthenticateRequest {
+                    name: "root".into(),
+                    password: format!("guess-{i}"),
+                })
+                .await
+            })
+        })
+        .collect();
+    let (mut answered, mut turned_away) = (0, 0);
+    for g in guesses {
+        let e = g.await.unwrap().unwrap_err();
+        match e.code() {
+            Code::InvalidArgument => answered += 1,
+            Code::ResourceExhausted => turned_away += 1,
+            other => panic!("unexpected {other:?}: {e:?}"),
+        }
+    }
+    // Ten, plus what refilled (one a second) while the first were being verified.
+    assert!(
+        answered <= 15,
+        "{answered} of 60 simultaneous guesses were checked"
+    );
+    assert!(turned_away >= 45);
+}
+
 fn idle_connection(port: u16) -> std::net::TcpStream {
     let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -128,6 +161,17 @@ async fn sockets_that_never_authenticate_are_closed_and_bounded() {
         ..Default::default()
     });
     let port = c.members[0].ports.client;
+    // Start from no open client connection (the harness's own may still be closing), so that
+    // exactly the seventh below is over the limit.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric_sum(
+        &c.http_get(0, "/metrics").unwrap_or_default().1,
+        "raftkv_client_connections_open",
+    ) != 0.0
+    {
+        assert!(Instant::now() < deadline, "client connections stayed open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let idle: Vec<_> = (0..6).map(|_| idle_connection(port)).collect();
     // The seventh is over the limit and closed at once.
     let over = idle_connection(port);

@@ -449,3 +449,32 @@ async fn a_rotated_member_certificate_is_used_without_a_restart() {
         .await
         .expect("writes go on");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_handshakes_from_one_host_do_not_lock_members_out() {
+    let c = Cluster::start(Options::default());
+    let cluster_id = c.cluster_id().await;
+    let port = c.members[1].ports.peer;
+    // Another host (127.0.0.2 on loopback) opens 300 connections to the peer port and never
+    // says a word.
+    let mut stalled = Vec::new();
+    for _ in 0..300 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        stalled.push(s.connect(([127, 0, 0, 1], port).into()).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A member still gets through the handshake at once, not after the stalled ones time out.
+    let ca = c.pki.join(raftkv::certs::CA_CERT);
+    let member = member_cert(&c.pki, 1);
+    let started = std::time::Instant::now();
+    read_index_over(
+        format!("https://127.0.0.1:{port}"),
+        Some(tls_to(&ca, Some((member.cert, member.key)))),
+        cluster_id,
+    )
+    .await
+    .expect("a member is served while another host stalls handshakes");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    drop(stalled);
+}

@@ -284,3 +284,31 @@ async fn oversized_messages_get_etcds_request_too_large() {
         .await
         .expect("the connection is still good");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transactions_nested_past_the_decoders_depth_are_invalid_arguments() {
+    let c = Cluster::start(Options::default());
+    let mut kv = c.kv(0).await;
+    // 80 levels of transaction in transaction: far past the protobuf decoder's depth limit, in
+    // a request of a few hundred bytes.
+    let e = kv
+        .txn(authed(amplifying_txn(80, 0), &c.token))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().starts_with("malformed request"), "{e:?}");
+    assert!(e.message().len() < 200, "{e:?}");
+    let marker = kv
+        .range(authed(get_req("amp/marker"), &c.token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(marker.count, 0, "the refused transaction wrote nothing");
+    // A few levels are fine.
+    let r = kv
+        .txn(authed(amplifying_txn(3, 0), &c.token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.succeeded);
+}

@@ -150,15 +150,15 @@ impl Auth for AuthService {
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
         let from = super::connections::remote_of(&req).map(|a| a.ip());
         let r = req.into_inner();
-        self.api.logins.admit(from)?;
+        let attempt = self.api.logins.admit(from)?;
         self.api.linearize().await?;
         let store = self.api.consensus.store();
         if !store.enabled().map_err(|e| status::from_storage(&e))? {
             return Err(Status::failed_precondition(status::AUTH_NOT_ENABLED));
         }
         let user = store.user(&r.name).map_err(|e| status::from_storage(&e))?;
-        let fail = || {
-            self.api.logins.failed(from);
+        let fail = |attempt: crate::auth::logins::Attempt<'_>| {
+            attempt.failed();
             self.api
                 .metrics
                 .auth_failures
@@ -178,15 +178,11 @@ impl Auth for AuthService {
             _ => (None, 0),
         };
         let password = r.password.clone();
-        let ok = self
-            .api
-            .logins
-            .verify(password, hash)
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let ok = self.api.logins.verify(password, hash).await?;
         if !ok {
-            return Err(fail());
+            return Err(fail(attempt));
         }
+        drop(attempt);
         let token = self
             .api
             .authn

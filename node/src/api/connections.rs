@@ -38,11 +38,34 @@ pub struct ClientConnInfo {
     pub state: Arc<ConnState>,
 }
 
-/// Counts of connections refused or closed by these limits.
+/// Counts of connections refused or closed by these limits, and of those open now.
 #[derive(Clone)]
 pub struct ConnCounters {
     pub over_limit: prometheus::IntCounter,
     pub idle_closed: prometheus::IntCounter,
+    pub open: prometheus::IntGauge,
+}
+
+/// Holds one of the port's connection slots and counts it as open until the connection ends.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: prometheus::IntGauge,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, open: prometheus::IntGauge) -> Self {
+        open.inc();
+        Slot {
+            _permit: permit,
+            open,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
 }
 
 pub struct ClientConn {
@@ -51,7 +74,7 @@ pub struct ClientConn {
     state: Arc<ConnState>,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     counters: ConnCounters,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl tonic::transport::server::Connected for ClientConn {
@@ -151,7 +174,7 @@ pub fn incoming(
                     deadline: (!unauthenticated_timeout.is_zero())
                         .then(|| Box::pin(tokio::time::sleep(unauthenticated_timeout))),
                     counters: counters.clone(),
-                    _permit: permit,
+                    _slot: Slot::new(permit, counters.open.clone()),
                 };
                 return Some((Ok(conn), (listener, slots, counters)));
             }

@@ -68,6 +68,9 @@ impl Api {
         if name.is_empty() {
             return Err(status::invalid(status::EMPTY_KEY));
         }
+        if name.len() + value.len() > self.limits.max_request_bytes {
+            return Err(status::invalid(status::REQUEST_TOO_LARGE));
+        }
         let key = claim_key(name, lease);
         let t = TxnRequest {
             compare: vec![create_revision_is(&key, 0)],
@@ -122,12 +125,15 @@ impl Api {
             limit: 1,
             ..Default::default()
         };
-        let res = self.read_range(&caller.principal, &r, serializable).await?;
+        let res = self
+            .read_range(&caller.principal, &r, serializable, &mut self.read_budget())
+            .await?;
         Ok(res.kvs.into_iter().next())
     }
 
     /// Waits until no key under `name` created before `rev` is left, keeping `lease` alive
-    /// meanwhile (as etcd's server session does for the caller). Wakes on every applied write.
+    /// meanwhile (as etcd's server session does for the caller). Like etcd, it waits for the
+    /// deletion of the one key just ahead, so that writes elsewhere cost it nothing.
     pub async fn wait_turn(
         &self,
         caller: &Caller,
@@ -136,7 +142,6 @@ impl Api {
         lease: i64,
     ) -> Result<(), Status> {
         let p = prefix(name);
-        let mut changes = self.watches.changes();
         // Once this member has applied everything up to now, local reads see every key created
         // before ours; only deletions are left to wait for.
         self.linearize().await?;
@@ -152,26 +157,43 @@ impl Api {
                 keys_only: true,
                 ..Default::default()
             };
-            let ahead = self.read_range(&caller.principal, &r, true).await?;
-            if ahead.kvs.is_empty() {
+            let ahead = self
+                .read_range(&caller.principal, &r, true, &mut self.read_budget())
+                .await?;
+            let Some(kv) = ahead.kvs.into_iter().next() else {
                 return Ok(());
+            };
+            // Registered before looking again, so a deletion in between is not missed.
+            let mut gone = self.watches.key_changed(&kv.key);
+            let still = self
+                .read_range(
+                    &caller.principal,
+                    &RangeRequest {
+                        key: kv.key.clone(),
+                        keys_only: true,
+                        ..Default::default()
+                    },
+                    true,
+                    &mut self.read_budget(),
+                )
+                .await?;
+            if still.kvs.first().map(|k| k.create_revision) != Some(kv.create_revision) {
+                continue;
             }
-            tokio::select! {
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        return Err(Status::unavailable(status::STOPPED));
-                    }
-                }
-                _ = keepalive.tick() => {
-                    if lease != 0 {
-                        let ttl = self.leases.keep_alive(lease).await?;
-                        if ttl <= 0 {
-                            return Err(Status::not_found(
-                                crate::model::ApplyError::LeaseNotFound.to_string(),
-                            ));
+            loop {
+                tokio::select! {
+                    _ = &mut gone => break,
+                    _ = keepalive.tick() => {
+                        if lease != 0 {
+                            let ttl = self.leases.keep_alive(lease).await?;
+                            if ttl <= 0 {
+                                return Err(Status::not_found(
+                                    crate::model::ApplyError::LeaseNotFound.to_string(),
+                                ));
+                            }
+                            let every = Duration::from_secs((ttl as u64 / 3).max(1));
+                            keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                         }
-                        let every = Duration::from_secs((ttl as u64 / 3).max(1));
-                        keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                     }
                 }
             }
@@ -189,6 +211,12 @@ impl Api {
             failure: vec![],
         };
         Ok(self.write_txn(caller, &t).await?.0.succeeded)
+    }
+
+    /// Resolves at the next change of a key under `name`.
+    pub fn name_changed(&self, name: &[u8]) -> tokio::sync::oneshot::Receiver<()> {
+        let p = prefix(name);
+        self.watches.range_changed(&p, &prefix_end(&p))
     }
 
     /// A stored key-value in the wire form, its value decrypted.

@@ -209,15 +209,24 @@ fn code_name(code: tonic::Code) -> &'static str {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// Whether a trailers-only response is tonic's refusal of a message over the decoding limit.
-fn is_oversized_message(headers: &http::HeaderMap) -> bool {
+/// Whether a trailers-only response's `grpc-message` contains `text` (as sent: tonic
+/// percent-encodes spaces).
+fn grpc_message_has(headers: &http::HeaderMap, text: &str) -> bool {
     headers
         .get("grpc-message")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|m| {
-            m.contains("decoded%20message%20length%20too%20large")
-                || m.contains("decoded message length too large")
-        })
+        .is_some_and(|m| m.contains(text) || m.contains(&text.replace(' ', "%20")))
+}
+
+/// Whether a trailers-only response is tonic's refusal of a message over the decoding limit.
+fn is_oversized_message(headers: &http::HeaderMap) -> bool {
+    grpc_message_has(headers, "decoded message length too large")
+}
+
+/// Whether a trailers-only response is tonic's refusal of bytes that do not decode as the
+/// method's request message (tonic says Internal, with the decoder's whole path in the message).
+fn is_undecodable_message(headers: &http::HeaderMap) -> bool {
+    grpc_message_has(headers, "failed to decode Protobuf message")
 }
 
 impl<S, B> Service<http::Request<B>> for Edge<S>
@@ -305,6 +314,18 @@ where
                 headers.insert(
                     "grpc-message",
                     http::HeaderValue::from_static("etcdserver:%20request%20is%20too%20large"),
+                );
+                code = tonic::Code::InvalidArgument;
+            } else if code == tonic::Code::Internal && is_undecodable_message(resp.headers()) {
+                // Malformed bytes, or transactions nested past the decoder's depth limit, are the
+                // caller's mistake: not an internal error, and not worth echoing back at length.
+                let headers = resp.headers_mut();
+                headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+                headers.insert(
+                    "grpc-message",
+                    http::HeaderValue::from_static(
+                        "malformed%20request:%20not%20a%20valid%20message%20for%20this%20method,%20or%20transactions%20nested%20too%20deeply",
+                    ),
                 );
                 code = tonic::Code::InvalidArgument;
             }

@@ -109,6 +109,7 @@ impl Election for ElectionService {
         req: Request<pb::ProclaimRequest>,
     ) -> Result<Response<pb::ProclaimResponse>, Status> {
         let caller = Api::caller(&req)?;
+        self.api.check_size(req.get_ref())?;
         let r = req.into_inner();
         let leader = r
             .leader
@@ -151,9 +152,10 @@ impl Election for ElectionService {
         let stopped = self.api.stopped();
         tokio::spawn(async move {
             tokio::pin!(stopped);
-            let mut changes = api.watches.changes();
             let mut last: Option<(i64, i64)> = None;
             loop {
+                // Registered before reading, so a change in between wakes the next round.
+                let changed = api.name_changed(&name);
                 match api.first_created(&caller, &name, true).await {
                     Ok(Some(kv)) => {
                         let id = (kv.create_revision, kv.mod_revision);
@@ -175,7 +177,7 @@ impl Election for ElectionService {
                     }
                 }
                 tokio::select! {
-                    changed = changes.changed() => if changed.is_err() { return },
+                    _ = changed => {}
                     _ = tx.closed() => return,
                     _ = &mut stopped => {
                         let _ = tx.send(Err(Status::unavailable(super::status::STOPPED))).await;

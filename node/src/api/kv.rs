@@ -66,6 +66,7 @@ impl Api {
         principal: &crate::model::Principal,
         r: &crate::model::RangeRequest,
         serializable: bool,
+        budget: &mut crate::storage::mvcc::Budget,
     ) -> Result<crate::model::RangeResult, Status> {
         if !serializable {
             self.linearize().await?;
@@ -82,7 +83,7 @@ impl Api {
             self.metrics.permission_denials.inc();
             return Err(status::denied());
         }
-        view.range(r, &self.sealer, &mut self.read_budget())
+        view.range(r, &self.sealer, budget)
             .map_err(|e| status::from_read(&e))
     }
 
@@ -117,7 +118,12 @@ impl Kv for KvService {
         let raw = req.into_inner();
         let serializable = raw.serializable;
         let r = convert::range_in(raw)?;
-        let result = self.api.read_range(&principal, &r, serializable).await?;
+        // Held until the response is built: it counts what this read keeps in memory.
+        let mut budget = self.api.read_budget();
+        let result = self
+            .api
+            .read_range(&principal, &r, serializable, &mut budget)
+            .await?;
         let header = self.api.header(result.revision);
         let open = self.opener();
         Ok(Response::new(convert::range_out(
@@ -204,17 +210,15 @@ impl Kv for KvService {
                 self.api.metrics.permission_denials.inc();
                 return Err(status::denied());
             }
+            let mut budget = self.api.read_budget();
             let result = view
-                .read_txn(&t, &self.api.sealer, &mut self.api.read_budget())
+                .read_txn(&t, &self.api.sealer, &mut budget)
                 .map_err(|e| status::from_read(&e))?;
             let revision = view.revision;
             drop(view);
-            return Ok(Response::new(convert::txn_out(
-                result,
-                &t,
-                self.api.header(revision),
-                &open,
-            )?));
+            let out = convert::txn_out(result, &t, self.api.header(revision), &open)?;
+            drop(budget);
+            return Ok(Response::new(out));
         }
         let (result, revision) = self.api.write_txn(&caller, &t).await?;
         Ok(Response::new(convert::txn_out(

@@ -10,7 +10,7 @@ use futures::{Stream, StreamExt};
 use raftkv_proto::etcdserverpb as pb;
 use raftkv_proto::etcdserverpb::lease_server::Lease;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,11 +22,49 @@ enum LeaderRequest {
     TimeToLive(i64),
 }
 
+pub use crate::model::LeaseChange;
+
+/// The leases as the state machine holds them, kept in step with it by `LeaseChange`s, and
+/// while this member leads, each lease's deadline. Every operation costs O(log n) in the number
+/// of leases: a keep-alive never reads them all.
 #[derive(Default)]
 struct Clock {
-    /// The term in which `deadlines` was loaded; a new term reloads it.
+    /// Granted TTLs of the stored leases (mirrors the state machine once `loaded`).
+    ttls: HashMap<i64, i64>,
+    loaded: bool,
+    /// The term whose leadership the deadlines belong to (0: none kept).
     term: u64,
     deadlines: HashMap<i64, Instant>,
+    /// The same deadlines in time order (entries whose lease moved on are skipped lazily).
+    queue: BTreeSet<(Instant, i64)>,
+}
+
+impl Clock {
+    fn set_deadline(&mut self, id: i64, at: Instant) {
+        self.deadlines.insert(id, at);
+        self.queue.insert((at, id));
+    }
+
+    fn apply(&mut self, change: LeaseChange) {
+        match change {
+            LeaseChange::Granted { id, ttl } => {
+                self.ttls.insert(id, ttl);
+                if self.term != 0 {
+                    self.set_deadline(id, deadline(Instant::now(), ttl));
+                }
+            }
+            LeaseChange::Revoked { id } => {
+                self.ttls.remove(&id);
+                self.deadlines.remove(&id);
+            }
+            LeaseChange::Reset => {
+                self.loaded = false;
+                self.term = 0;
+                self.deadlines.clear();
+                self.queue.clear();
+            }
+        }
+    }
 }
 
 /// When a lease granted `ttl` seconds at `now` expires. TTLs are bounded when granted, but a
@@ -38,10 +76,22 @@ fn deadline(now: Instant, ttl: i64) -> Instant {
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
 }
 
-/// Locks a mutex even if a thread panicked while holding it: the clock is rebuilt from the
-/// replicated leases on every tick, so a half-updated one heals by itself.
+/// Locks a mutex even if a thread panicked while holding it: a half-updated clock is reset and
+/// rebuilt from the replicated leases.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The lease clock, shared by the state machine's hook and the `LeaseKeeper`.
+#[derive(Clone, Default)]
+pub struct LeaseClock(Arc<Mutex<Clock>>);
+
+impl LeaseClock {
+    /// What the state machine calls after applying a lease change.
+    pub fn hook(&self) -> Arc<dyn Fn(LeaseChange) + Send + Sync> {
+        let clock = self.0.clone();
+        Arc::new(move |change| lock(&clock).apply(change))
+    }
 }
 
 /// The leader's expiry clock for leases.
@@ -53,12 +103,12 @@ pub struct LeaseKeeper {
 }
 
 impl LeaseKeeper {
-    pub fn new(consensus: Consensus, election_timeout: Duration) -> LeaseKeeper {
+    pub fn new(consensus: Consensus, election_timeout: Duration, clock: LeaseClock) -> LeaseKeeper {
         // etcd's minimum: one and a half election timeouts, so a lease survives a leader change.
         let min_ttl = ((election_timeout.as_millis() as i64 * 3 / 2) + 999) / 1000;
         LeaseKeeper {
             consensus,
-            clock: Arc::new(Mutex::new(Clock::default())),
+            clock: clock.0,
             min_ttl: min_ttl.max(1),
         }
     }
@@ -81,45 +131,46 @@ impl LeaseKeeper {
         })
     }
 
-    /// Granted TTLs from the replicated state.
-    fn stored(&self) -> Result<HashMap<i64, i64>, crate::storage::StorageError> {
-        let view = self.consensus.store().read_view()?;
-        Ok(view.leases()?.into_iter().collect())
-    }
-
-    /// Brings the clock in line with the stored leases (new term: full TTL for every lease).
-    fn sync_clock(&self) -> Result<HashMap<i64, i64>, crate::storage::StorageError> {
-        let stored = self.stored()?;
-        let term = self.consensus.term();
-        let now = Instant::now();
+    /// The clock, loaded from the store if needed, and with fresh deadlines if this member
+    /// became leader in a new term (a new leader restarts every lease's full TTL, as etcd's).
+    fn synced(&self) -> Result<std::sync::MutexGuard<'_, Clock>, crate::storage::StorageError> {
         let mut c = lock(&self.clock);
+        if !c.loaded {
+            let view = self.consensus.store().read_view()?;
+            c.ttls = view.leases()?.into_iter().collect();
+            c.loaded = true;
+            c.term = 0;
+        }
+        let term = self.consensus.term();
         if c.term != term {
             c.term = term;
             c.deadlines.clear();
+            c.queue.clear();
+            let now = Instant::now();
+            let all: Vec<(i64, i64)> = c.ttls.iter().map(|(id, ttl)| (*id, *ttl)).collect();
+            for (id, ttl) in all {
+                c.set_deadline(id, deadline(now, ttl));
+            }
         }
-        c.deadlines.retain(|id, _| stored.contains_key(id));
-        for (id, ttl) in &stored {
-            c.deadlines
-                .entry(*id)
-                .or_insert_with(|| deadline(now, *ttl));
-        }
-        Ok(stored)
+        Ok(c)
+    }
+
+    /// How many leases exist.
+    pub fn count(&self) -> Result<usize, crate::storage::StorageError> {
+        Ok(self.synced()?.ttls.len())
     }
 
     fn renew_local(&self, id: i64) -> Result<i64, crate::storage::StorageError> {
-        let stored = self.sync_clock()?;
-        let Some(ttl) = stored.get(&id) else {
+        let mut c = self.synced()?;
+        let Some(ttl) = c.ttls.get(&id).copied() else {
             return Ok(0);
         };
-        lock(&self.clock)
-            .deadlines
-            .insert(id, deadline(Instant::now(), *ttl));
-        Ok(*ttl)
+        c.set_deadline(id, deadline(Instant::now(), ttl));
+        Ok(ttl)
     }
 
     fn remaining_local(&self, id: i64) -> Result<i64, crate::storage::StorageError> {
-        self.sync_clock()?;
-        let c = lock(&self.clock);
+        let c = self.synced()?;
         Ok(match c.deadlines.get(&id) {
             Some(d) => d
                 .saturating_duration_since(Instant::now())
@@ -127,6 +178,26 @@ impl LeaseKeeper {
                 .ceil() as i64,
             None => -1,
         })
+    }
+
+    /// Leases whose deadline passed (each once per expiry: revoking takes a round of Raft).
+    fn expired(&self) -> Result<Vec<i64>, crate::storage::StorageError> {
+        let mut c = self.synced()?;
+        let now = Instant::now();
+        let mut out = Vec::new();
+        while let Some(&(at, id)) = c.queue.first() {
+            if at > now {
+                break;
+            }
+            c.queue.pop_first();
+            if c.deadlines.get(&id) == Some(&at) {
+                out.push(id);
+                // Retried after an election timeout if the revoke does not land.
+                let retry = now + Duration::from_secs(1);
+                c.set_deadline(id, retry);
+            }
+        }
+        Ok(out)
     }
 
     /// Renews lease `id` on the leader; its TTL, or 0 if it does not exist.
@@ -154,18 +225,12 @@ impl LeaseKeeper {
                 let mut c = lock(&self.clock);
                 c.term = 0;
                 c.deadlines.clear();
+                c.queue.clear();
                 continue;
             }
-            if self.sync_clock().is_err() {
+            let Ok(expired) = self.expired() else {
                 continue;
-            }
-            let now = Instant::now();
-            let expired: Vec<i64> = lock(&self.clock)
-                .deadlines
-                .iter()
-                .filter(|(_, d)| **d <= now)
-                .map(|(id, _)| *id)
-                .collect();
+            };
             for id in expired {
                 match api.propose(None, None, Command::LeaseRevoke { id }).await {
                     Ok(_) => tracing::info!(lease = id, "lease expired and was revoked"),
@@ -199,6 +264,18 @@ impl Lease for LeaseService {
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
         let caller = Api::caller(&req)?;
         let r = req.into_inner();
+        // Leases hold state on every member (and a deadline on the leader): a grant is a write.
+        self.api.check_space()?;
+        let count = self
+            .api
+            .leases
+            .count()
+            .map_err(|e| status::from_storage(&e))?;
+        if count >= self.api.limits.max_leases {
+            return Err(Status::resource_exhausted(format!(
+                "etcdserver: the cluster holds {count} leases, its limit (--max-leases); revoke some first"
+            )));
+        }
         if r.ttl > MAX_LEASE_TTL {
             return Err(Status::out_of_range(
                 crate::model::ApplyError::LeaseTtlTooLarge.to_string(),
@@ -332,7 +409,10 @@ impl Lease for LeaseService {
         &self,
         req: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
-        Api::principal(&req)?;
+        // A lease id is what it takes to keep a lease (and the locks and elections on it)
+        // alive: only administrators may list them.
+        let principal = Api::principal(&req)?;
+        self.api.require_admin(&principal)?;
         let view = self
             .api
             .consensus

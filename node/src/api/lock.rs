@@ -60,6 +60,7 @@ impl Lock for LockService {
         req: Request<pb::UnlockRequest>,
     ) -> Result<Response<pb::UnlockResponse>, Status> {
         let caller = Api::caller(&req)?;
+        self.api.check_size(req.get_ref())?;
         let key = req.into_inner().key;
         if key.is_empty() {
             return Err(status::invalid(status::EMPTY_KEY));

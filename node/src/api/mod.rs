@@ -46,6 +46,10 @@ pub struct Limits {
     pub max_response_bytes: u64,
     /// `--quota-backend-bytes`: writes are refused (NOSPACE alarm) above this database size.
     pub quota_bytes: u64,
+    /// `--max-leases`: most leases the cluster holds at once.
+    pub max_leases: usize,
+    /// `--max-watchers-per-stream`: most watchers one watch stream may have.
+    pub max_watchers_per_stream: usize,
 }
 
 impl Default for Limits {
@@ -54,8 +58,10 @@ impl Default for Limits {
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
             max_txn_total_ops: 1024,
-            max_response_bytes: 1 << 30,
+            max_response_bytes: 256 << 20,
             quota_bytes: 8 << 30,
+            max_leases: 1_000_000,
+            max_watchers_per_stream: 10_000,
         }
     }
 }
@@ -78,6 +84,8 @@ pub struct ApiInner {
     pub metrics: Arc<Metrics>,
     /// Limits password guessing.
     pub logins: crate::auth::logins::LoginGuard,
+    /// Bytes all reads on this member hold at once (`--max-inflight-read-bytes`).
+    pub read_inflight: Arc<crate::storage::mvcc::InflightBytes>,
     /// Set while the database is over its quota (etcd's NOSPACE alarm).
     pub nospace: AtomicBool,
     /// Becomes true when the member stops: long-lived streams end so that shutdown is prompt
@@ -131,9 +139,10 @@ impl Api {
             .is_some_and(|v| v == "true")
     }
 
-    /// What one read may gather (`--max-response-bytes`).
+    /// What one read may gather (`--max-response-bytes`), drawn from what all reads on this
+    /// member may hold together.
     pub fn read_budget(&self) -> Budget {
-        Budget::new(self.limits.max_response_bytes)
+        Budget::shared(self.limits.max_response_bytes, self.read_inflight.clone())
     }
 
     pub fn header(&self, revision: i64) -> Option<pb::ResponseHeader> {

@@ -69,7 +69,9 @@ pub fn from_apply(e: &ApplyError) -> Status {
             AuthErrorCode::FailedPrecondition => Status::failed_precondition(msg),
         },
         ApplyError::Encryption(_) => Status::failed_precondition(msg),
-        ApplyError::NoSpace | ApplyError::ResponseTooLarge(_) => Status::resource_exhausted(msg),
+        ApplyError::NoSpace | ApplyError::ResponseTooLarge(_) | ApplyError::Busy => {
+            Status::resource_exhausted(msg)
+        }
         ApplyError::TooManyOps => Status::invalid_argument(msg),
         ApplyError::LeaseTtlTooLarge => Status::out_of_range(msg),
     }

@@ -60,6 +60,71 @@ struct Hub {
     ring: Mutex<Ring>,
     latest: watch::Sender<i64>,
     held: Option<prometheus::IntGauge>,
+    waits: Mutex<Waits>,
+}
+
+/// One-shot waits for a change of a key, or of any key in a range (locks and elections wait
+/// this way, so that a write elsewhere costs them nothing).
+#[derive(Default)]
+struct Waits {
+    keys: std::collections::HashMap<Vec<u8>, Vec<tokio::sync::oneshot::Sender<()>>>,
+    ranges: Vec<(Vec<u8>, Vec<u8>, tokio::sync::oneshot::Sender<()>)>,
+    registered: usize,
+}
+
+impl Waits {
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.ranges.is_empty()
+    }
+
+    /// Wakes whoever waits on a key of `events` (everyone, when the state was replaced).
+    fn fire(&mut self, events: &[Event]) {
+        if events.is_empty() {
+            for (_, txs) in self.keys.drain() {
+                for tx in txs {
+                    let _ = tx.send(());
+                }
+            }
+            for (_, _, tx) in self.ranges.drain(..) {
+                let _ = tx.send(());
+            }
+            return;
+        }
+        for e in events {
+            if let Some(txs) = self.keys.remove(&e.kv.key) {
+                for tx in txs {
+                    let _ = tx.send(());
+                }
+            }
+        }
+        if !self.ranges.is_empty() {
+            let (fired, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ranges)
+                .into_iter()
+                .partition(|(start, end, _)| {
+                    events.iter().any(|e| {
+                        e.kv.key.as_slice() >= start.as_slice()
+                            && (end.as_slice() == [0] || e.kv.key.as_slice() < end.as_slice())
+                    })
+                });
+            self.ranges = kept;
+            for (_, _, tx) in fired {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Drops waits whose waiter gave up, now and then.
+    fn prune(&mut self) {
+        self.registered += 1;
+        if !self.registered.is_multiple_of(1024) {
+            return;
+        }
+        self.keys.retain(|_, txs| {
+            txs.retain(|tx| !tx.is_closed());
+            !txs.is_empty()
+        });
+        self.ranges.retain(|(_, _, tx)| !tx.is_closed());
+    }
 }
 
 /// Fans applied writes out to watch streams.
@@ -98,6 +163,7 @@ impl WatchHub {
                 }),
                 latest,
                 held,
+                waits: Mutex::new(Waits::default()),
             }),
         }
     }
@@ -147,6 +213,12 @@ impl WatchHub {
         if let Some(g) = &self.inner.held {
             g.set(held as i64);
         }
+        {
+            let mut waits = lock(&self.inner.waits);
+            if !waits.is_empty() {
+                waits.fire(events);
+            }
+        }
         self.inner.latest.send_replace(revision);
     }
 
@@ -167,6 +239,25 @@ impl WatchHub {
     /// Changes whenever a write is applied (its value: the newest revision).
     pub fn changes(&self) -> watch::Receiver<i64> {
         self.subscribe()
+    }
+
+    /// Resolves at the next applied change of `key` (or when the state is replaced). Register
+    /// before checking the key, so that a change in between is not missed.
+    pub fn key_changed(&self, key: &[u8]) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut waits = lock(&self.inner.waits);
+        waits.prune();
+        waits.keys.entry(key.to_vec()).or_default().push(tx);
+        rx
+    }
+
+    /// Resolves at the next applied change of a key in `[start, end)`.
+    pub fn range_changed(&self, start: &[u8], end: &[u8]) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut waits = lock(&self.inner.waits);
+        waits.prune();
+        waits.ranges.push((start.to_vec(), end.to_vec(), tx));
+        rx
     }
 
     /// Bytes of notifications held now (for tests and metrics).
@@ -291,6 +382,22 @@ impl Session {
                     created: true,
                     canceled: true,
                     cancel_reason: status::PERMISSION_DENIED.into(),
+                    ..Default::default()
+                })
+                .await;
+        }
+        if self.watchers.len() >= self.api.limits.max_watchers_per_stream {
+            return self
+                .send(pb::WatchResponse {
+                    header,
+                    watch_id: c.watch_id,
+                    created: true,
+                    canceled: true,
+                    cancel_reason: format!(
+                        "etcdserver: this stream already has {} watchers, its limit \
+                         (--max-watchers-per-stream); open another stream",
+                        self.watchers.len()
+                    ),
                     ..Default::default()
                 })
                 .await;
@@ -486,6 +593,9 @@ impl Session {
         if !self.recheck_permissions().await {
             return false;
         }
+        // Each event is decrypted (and its previous version looked up) once for every watcher
+        // of this stream that wants it, not once per watcher.
+        let mut converted: Vec<[Option<mvccpb::Event>; 2]> = vec![[None, None]; n.events.len()];
         let ids: Vec<i64> = self.watchers.keys().copied().collect();
         for id in ids {
             let Some(w) = self.watchers.get(&id) else {
@@ -503,35 +613,30 @@ impl Session {
             }
             let mut out = Vec::new();
             let wants_prev = w.prev_kv;
-            for e in n.events.iter().filter(|e| w.matches(e)) {
-                let filled;
-                let e = if wants_prev && !e.prev_known {
-                    // The write did not read the previous version: take it from history.
-                    let prev = self
-                        .api
-                        .consensus
-                        .store()
-                        .read_view()
-                        .and_then(|v| v.history_before(&e.kv.key, e.kv.mod_revision))
-                        .unwrap_or(None);
-                    filled = Event {
-                        prev_kv: prev,
-                        prev_known: true,
-                        ..e.clone()
-                    };
-                    &filled
-                } else {
-                    e
-                };
-                match self.event_out(e, wants_prev) {
-                    Ok(ev) => out.push(ev),
-                    Err(s) => {
-                        if !self.cancel(id, s.message()).await {
-                            return false;
+            let mut failed = None;
+            for (i, e) in n.events.iter().enumerate() {
+                if !w.matches(e) {
+                    continue;
+                }
+                let slot = &mut converted[i][usize::from(wants_prev)];
+                if slot.is_none() {
+                    match self.convert(e, wants_prev) {
+                        Ok(ev) => *slot = Some(ev),
+                        Err(s) => {
+                            failed = Some(s);
+                            break;
                         }
-                        break;
                     }
                 }
+                if let Some(ev) = slot {
+                    out.push(ev.clone());
+                }
+            }
+            if let Some(s) = failed {
+                if !self.cancel(id, s.message()).await {
+                    return false;
+                }
+                continue;
             }
             if let Some(w) = self.watchers.get_mut(&id) {
                 w.next_rev = n.revision + 1;
@@ -543,6 +648,27 @@ impl Session {
             }
         }
         true
+    }
+
+    /// An applied event in the wire form; with `with_prev`, the previous version is read from
+    /// history when the write did not carry it.
+    fn convert(&self, e: &Event, with_prev: bool) -> Result<mvccpb::Event, Status> {
+        if with_prev && !e.prev_known {
+            let prev = self
+                .api
+                .consensus
+                .store()
+                .read_view()
+                .and_then(|v| v.history_before(&e.kv.key, e.kv.mod_revision))
+                .unwrap_or(None);
+            let filled = Event {
+                prev_kv: prev,
+                prev_known: true,
+                ..e.clone()
+            };
+            return self.event_out(&filled, true);
+        }
+        self.event_out(e, with_prev)
     }
 
     /// Handles what the hub holds from the cursor on, up to `max` notifications. Watchers

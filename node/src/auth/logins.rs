@@ -1,6 +1,9 @@
-//! Password logins under attack: failed attempts are limited per client address, bcrypt runs
-//! on a bounded number of threads, and an unknown user name costs the same verification as a
-//! known one, so neither timing nor volume turns `Authenticate` into an oracle or a CPU sink.
+//! Password logins under attack: failed attempts are limited per client address (per /64 for
+//! IPv6), counted from the moment a login starts so a burst sent at once gets no more guesses;
+//! bcrypt runs on a bounded number of threads (a full queue is ResourceExhausted), and an
+//! unknown user name costs the same verification as a known one, so neither timing nor volume
+//! turns `Authenticate` into an oracle or a CPU sink. There is deliberately no cluster-wide
+//! failure budget: one attacker could spend it and lock every user out.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -49,6 +52,51 @@ fn decoy_hash() -> &'static str {
     })
 }
 
+/// The address a login's allowance is kept under: the host for IPv4, the /64 for IPv6 (one
+/// host is commonly handed a whole /64, so single IPv6 addresses would be free to rotate).
+fn allowance_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// One login in progress, charged against its address's allowance from the start, so that
+/// many attempts sent at once cannot all pass before the first failure is counted. Unless it is
+/// marked failed, dropping it gives the allowance back.
+pub struct Attempt<'a> {
+    guard: &'a LoginGuard,
+    key: Option<IpAddr>,
+    failed: bool,
+}
+
+impl Attempt<'_> {
+    /// The password was wrong: the charge stays.
+    pub fn failed(mut self) {
+        self.failed = true;
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if self.failed {
+            return;
+        }
+        let Some(key) = self.key else { return };
+        if let Ok(mut map) = self.guard.buckets.lock()
+            && let Some(b) = map.get_mut(&key)
+        {
+            b.tokens = (b.tokens + 1.0).min(FAILURE_BURST);
+        }
+    }
+}
+
 impl LoginGuard {
     fn refill(b: &mut Bucket, now: Instant) {
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
@@ -56,33 +104,21 @@ impl LoginGuard {
         b.at = now;
     }
 
-    /// Refuses a login from an address that used up its failures.
-    pub fn admit(&self, from: Option<IpAddr>) -> Result<(), Status> {
-        let Some(ip) = from else { return Ok(()) };
-        let Ok(mut map) = self.buckets.lock() else {
-            return Ok(());
+    /// Starts a login from `from`, or refuses it when the address used up its allowance.
+    pub fn admit(&self, from: Option<IpAddr>) -> Result<Attempt<'_>, Status> {
+        let unlimited = Attempt {
+            guard: self,
+            key: None,
+            failed: false,
         };
-        let Some(b) = map.get_mut(&ip) else {
-            return Ok(());
+        let Some(key) = from.map(allowance_key) else {
+            return Ok(unlimited);
         };
-        Self::refill(b, Instant::now());
-        if b.tokens < 1.0 {
-            let wait = ((1.0 - b.tokens) / FAILURES_PER_SECOND).ceil() as u64;
-            return Err(Status::resource_exhausted(format!(
-                "etcdserver: too many failed logins from this address; retry in {wait} s"
-            )));
-        }
-        Ok(())
-    }
-
-    /// Counts a failed login against its address.
-    pub fn failed(&self, from: Option<IpAddr>) {
-        let Some(ip) = from else { return };
         let Ok(mut map) = self.buckets.lock() else {
-            return;
+            return Ok(unlimited);
         };
         let now = Instant::now();
-        if map.len() >= TRACKED_ADDRESSES && !map.contains_key(&ip) {
+        if map.len() >= TRACKED_ADDRESSES && !map.contains_key(&key) {
             // Forget addresses whose allowance is whole again; if none, start over.
             map.retain(|_, b| {
                 Self::refill(b, now);
@@ -92,20 +128,33 @@ impl LoginGuard {
                 map.clear();
             }
         }
-        let b = map.entry(ip).or_insert(Bucket {
+        let b = map.entry(key).or_insert(Bucket {
             tokens: FAILURE_BURST,
             at: now,
         });
         Self::refill(b, now);
-        b.tokens = (b.tokens - 1.0).max(0.0);
+        if b.tokens < 1.0 {
+            let wait = ((1.0 - b.tokens) / FAILURES_PER_SECOND).ceil() as u64;
+            return Err(Status::resource_exhausted(format!(
+                "etcdserver: too many failed logins from this address; retry in {wait} s"
+            )));
+        }
+        b.tokens -= 1.0;
+        Ok(Attempt {
+            guard: self,
+            key: Some(key),
+            failed: false,
+        })
     }
 
     /// Checks `password` against `hash` (or the decoy when there is none) on a bounded pool.
-    pub async fn verify(&self, password: String, hash: Option<String>) -> Result<bool, String> {
+    pub async fn verify(&self, password: String, hash: Option<String>) -> Result<bool, Status> {
         let permit = tokio::time::timeout(QUEUE_WAIT, self.bcrypt.clone().acquire_owned())
             .await
-            .map_err(|_| "etcdserver: too many logins in progress; retry".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| {
+                Status::resource_exhausted("etcdserver: too many logins in progress; retry")
+            })?
+            .map_err(|e| Status::internal(e.to_string()))?;
         let real = hash.is_some();
         let hash = hash.unwrap_or_else(|| decoy_hash().to_string());
         let ok = tokio::task::spawn_blocking(move || {
@@ -113,7 +162,7 @@ impl LoginGuard {
             super::password::verify(&password, &hash)
         })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Status::internal(format!("verifying a password: {e}")))?;
         Ok(ok && real)
     }
 }
@@ -128,10 +177,9 @@ mod tests {
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         for _ in 0..FAILURE_BURST as usize {
-            assert!(g.admit(Some(a)).is_ok());
-            g.failed(Some(a));
+            g.admit(Some(a)).unwrap().failed();
         }
-        let e = g.admit(Some(a)).unwrap_err();
+        let e = g.admit(Some(a)).err().unwrap();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
         assert!(g.admit(Some(b)).is_ok(), "other addresses are unaffected");
         if let Ok(mut m) = g.buckets.lock()
@@ -140,6 +188,35 @@ mod tests {
             bk.at -= Duration::from_secs(2);
         }
         assert!(g.admit(Some(a)).is_ok(), "the allowance refills");
+    }
+
+    #[test]
+    fn attempts_in_flight_are_charged_and_successes_refunded() {
+        let g = LoginGuard::default();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        // Sent at once, before any answer: only the allowance gets through.
+        let in_flight: Vec<_> = (0..FAILURE_BURST as usize)
+            .map(|_| g.admit(Some(a)).unwrap())
+            .collect();
+        assert!(g.admit(Some(a)).is_err());
+        // Logins that succeed (or never got to the password) cost nothing.
+        drop(in_flight);
+        for _ in 0..100 {
+            drop(g.admit(Some(a)).unwrap());
+        }
+    }
+
+    #[test]
+    fn an_ipv6_host_cannot_rotate_through_its_64() {
+        let g = LoginGuard::default();
+        for i in 0..FAILURE_BURST as u16 {
+            let ip = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 1, 2, 0, 0, 0, i + 1));
+            g.admit(Some(ip)).unwrap().failed();
+        }
+        let next: IpAddr = "2001:db8:1:2::ffff".parse().unwrap();
+        assert!(g.admit(Some(next)).is_err());
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(g.admit(Some(other)).is_ok());
     }
 
     #[tokio::test]

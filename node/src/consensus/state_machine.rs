@@ -78,6 +78,8 @@ pub struct ApplyHooks {
     pub outcome: Arc<dyn Fn(bool) + Send + Sync>,
     /// Called after a snapshot is installed (with its size in bytes and how long it took).
     pub snapshot_installed: Arc<dyn Fn(u64, std::time::Duration) + Send + Sync>,
+    /// Called once a lease grant or revocation is written (and after a snapshot install).
+    pub leases: Arc<dyn Fn(crate::model::LeaseChange) + Send + Sync>,
 }
 
 impl Default for ApplyHooks {
@@ -86,6 +88,7 @@ impl Default for ApplyHooks {
             events: Arc::new(|_, _| {}),
             outcome: Arc::new(|_| {}),
             snapshot_installed: Arc::new(|_, _| {}),
+            leases: Arc::new(|_| {}),
         }
     }
 }
@@ -290,6 +293,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         proposal,
                     )?;
                     (self.hooks.outcome)(staged.response.result.is_ok());
+                    let lease_change = match (&proposal.command, &staged.response.result) {
+                        (_, Ok(ApplyOutput::LeaseGranted { id, ttl })) => {
+                            Some(crate::model::LeaseChange::Granted { id: *id, ttl: *ttl })
+                        }
+                        (crate::model::Command::LeaseRevoke { id }, Ok(_)) => {
+                            Some(crate::model::LeaseChange::Revoked { id: *id })
+                        }
+                        _ => None,
+                    };
                     self.counters = staged.counters;
                     batch.auth_changed |= staged.auth_changed;
                     if !staged.events.is_empty() {
@@ -298,6 +310,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     batch.push(log_id, responder, staged.response);
                     if alone {
                         self.flush(&mut batch)?;
+                    }
+                    // Lease commands are always alone in their batch: written by now.
+                    if let Some(change) = lease_change {
+                        (self.hooks.leases)(change);
                     }
                     continue;
                 }
@@ -355,6 +371,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         (self.hooks.snapshot_installed)(facts.bytes, started.elapsed());
         // Watchers re-read what changed from the store: there are no per-entry events here.
         (self.hooks.events)(self.counters.revision, &[]);
+        (self.hooks.leases)(crate::model::LeaseChange::Reset);
         Ok(())
     }
 

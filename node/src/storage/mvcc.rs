@@ -85,11 +85,44 @@ impl ValueOpener for Plaintext {
 
 /// How many bytes of key-values a request may still materialize. Every range of a request
 /// draws from one budget, so neither one huge range nor thousands of small ones can make a
-/// member allocate without bound.
-#[derive(Debug, Clone, Copy)]
+/// member allocate without bound; with a shared `InflightBytes`, all reads of a member together
+/// stay within its limit too (a budget gives back what it drew when dropped).
+#[derive(Debug)]
 pub struct Budget {
     limit: u64,
     used: u64,
+    shared: Option<std::sync::Arc<InflightBytes>>,
+}
+
+/// Bytes all reads of a member hold at once, against a limit.
+#[derive(Debug)]
+pub struct InflightBytes {
+    limit: u64,
+    held: std::sync::atomic::AtomicU64,
+}
+
+impl InflightBytes {
+    pub fn new(limit: u64) -> InflightBytes {
+        InflightBytes {
+            limit,
+            held: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub fn held(&self) -> u64 {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        if let Some(s) = &self.shared {
+            s.held.fetch_sub(
+                self.used.min(s.held()),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
 }
 
 /// What a fetched key-value costs besides its bytes (the record's fields and bookkeeping).
@@ -97,7 +130,20 @@ const KV_OVERHEAD: u64 = 64;
 
 impl Budget {
     pub fn new(limit: u64) -> Budget {
-        Budget { limit, used: 0 }
+        Budget {
+            limit,
+            used: 0,
+            shared: None,
+        }
+    }
+
+    /// A budget of `limit` that also draws from `shared`.
+    pub fn shared(limit: u64, shared: std::sync::Arc<InflightBytes>) -> Budget {
+        Budget {
+            limit,
+            used: 0,
+            shared: Some(shared),
+        }
     }
 
     pub fn unlimited() -> Budget {
@@ -106,10 +152,20 @@ impl Budget {
 
     /// Draws `bytes`; refuses once the total would pass the limit.
     pub fn take(&mut self, bytes: u64) -> std::result::Result<(), ApplyError> {
-        self.used = self.used.saturating_add(bytes);
-        if self.used > self.limit {
+        if self.used.saturating_add(bytes) > self.limit {
             return Err(ApplyError::ResponseTooLarge(self.limit));
         }
+        if let Some(s) = &self.shared {
+            let before = s
+                .held
+                .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+            if before.saturating_add(bytes) > s.limit {
+                s.held
+                    .fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+                return Err(ApplyError::Busy);
+            }
+        }
+        self.used = self.used.saturating_add(bytes);
         Ok(())
     }
 
