@@ -18,7 +18,8 @@ mkdir -p "$RAFTKV_CACHE" "$RAFTKV_BIN_CACHE"
 #   prometheus            promtool and a real Prometheus server for the observability tests
 #   openssl, util-linux   certificates and mount namespaces for the e2e Kubernetes control plane
 #   curl                  raw HTTP/2 requests in the edge tests
-RAFTKV_APT_PACKAGES="libclang-dev clang protobuf-compiler etcd-server etcd-client prometheus openssl util-linux curl"
+#   iproute2              network namespaces for the robustness suite's partitions
+RAFTKV_APT_PACKAGES="libclang-dev clang protobuf-compiler etcd-server etcd-client prometheus openssl util-linux curl iproute2"
 
 need_packages() {
     local missing=""

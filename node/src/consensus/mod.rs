@@ -226,12 +226,17 @@ impl Consensus {
         executor: Executor,
         hooks: ApplyHooks,
     ) -> Result<Consensus, String> {
-        let election_ms = config.election_timeout.as_millis() as u64;
+        let election_ms = (config.election_timeout.as_millis() as u64).max(2);
         let raft_config = Config {
             cluster_name: format!("raftkv-{:x}", config.cluster_id),
             heartbeat_interval: config.heartbeat_interval.as_millis() as u64,
-            election_timeout_min: election_ms,
-            election_timeout_max: election_ms * 2,
+            // openraft's followers refuse votes for `election_timeout_max` after they last heard
+            // from the leader (its leader lease), and start elections after a random time in
+            // [min, max). With max at the configured election timeout, a leader that dies or is
+            // cut off is replaced within one to two election timeouts, as etcd's is; with max at
+            // twice the timeout, candidates kept hitting the lease and failover took three.
+            election_timeout_min: election_ms / 2,
+            election_timeout_max: election_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_threshold),
             max_in_snapshot_log_to_keep: config.snapshot_log_keep,
             replication_lag_threshold: config
