@@ -15,6 +15,7 @@
 //! only when it certainly did not take effect; when its outcome is unknown the call fails with
 //! [`Error::OutcomeUnknown`] instead of guessing.
 
+pub mod backup;
 mod balancer;
 mod error;
 pub mod token;

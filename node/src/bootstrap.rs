@@ -20,6 +20,11 @@ pub struct Identity {
     /// Set once the initial root user has been created (only the initializing member).
     #[serde(default)]
     pub root_seeded: bool,
+    /// For a member restored from a backup: the backup's SHA-256. It is part of the cluster
+    /// id, so a member that was not restored from the same backup is refused by the others
+    /// (it would apply the new cluster's log to an empty state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +47,8 @@ pub enum IdentityError {
         "data directory {0} holds a database but no raftkv identity; refusing to use data raftkv did not create"
     )]
     Foreign(String),
+    #[error("data directory {0} is not empty; a backup is restored only into a new, empty one")]
+    NotEmpty(String),
     #[error("data directory {dir}: {source}")]
     Io { dir: String, source: std::io::Error },
     #[error("data directory {dir}: identity file is unreadable: {reason}")]
@@ -55,6 +62,19 @@ pub fn cluster_id(token: &str) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&d[..8]);
     u64::from_be_bytes(b) >> 1
+}
+
+/// The cluster id of a cluster token whose members were restored from the backup `digest`.
+pub fn restored_cluster_id(token: &str, digest: &str) -> u64 {
+    cluster_id(&format!("{token}\nrestored-from:{digest}"))
+}
+
+/// The cluster id an identity's members share.
+fn expected_cluster_id(token: &str, restored_from: Option<&str>) -> u64 {
+    match restored_from {
+        Some(d) => restored_cluster_id(token, d),
+        None => cluster_id(token),
+    }
 }
 
 pub struct DataDir {
@@ -75,7 +95,7 @@ impl DataDir {
         };
         std::fs::create_dir_all(path).map_err(io)?;
         let file = path.join(IDENTITY_FILE);
-        let want_cluster = cluster_id(token);
+        let mut want_cluster = cluster_id(token);
         match std::fs::read_to_string(&file) {
             Ok(text) => {
                 let found: Identity =
@@ -83,6 +103,7 @@ impl DataDir {
                         dir: dir.clone(),
                         reason: e.to_string(),
                     })?;
+                want_cluster = expected_cluster_id(token, found.restored_from.as_deref());
                 if found.cluster_id != want_cluster || found.member_id != member_id {
                     return Err(IdentityError::Mismatch {
                         dir,
@@ -110,6 +131,7 @@ impl DataDir {
                     member_id,
                     initialized: false,
                     root_seeded: false,
+                    restored_from: None,
                 };
                 let d = DataDir {
                     path: path.to_path_buf(),
@@ -121,6 +143,40 @@ impl DataDir {
             }
             Err(e) => Err(io(e)),
         }
+    }
+
+    /// Makes `path` (missing or empty) the data directory of member `member_id` of a new
+    /// cluster restored from the backup with SHA-256 `digest`. The backup brings its users, so
+    /// no initial root user is created.
+    pub fn create_restored(
+        path: &Path,
+        token: &str,
+        member_id: u64,
+        digest: &str,
+    ) -> Result<DataDir, IdentityError> {
+        let dir = path.display().to_string();
+        let io = |source| IdentityError::Io {
+            dir: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(path).map_err(io)?;
+        if std::fs::read_dir(path).map_err(io)?.next().is_some() {
+            return Err(IdentityError::NotEmpty(dir));
+        }
+        let d = DataDir {
+            path: path.to_path_buf(),
+            identity: Identity {
+                cluster_id: restored_cluster_id(token, digest),
+                cluster_token: token.to_string(),
+                member_id,
+                initialized: false,
+                root_seeded: true,
+                restored_from: Some(digest.to_string()),
+            },
+            fresh: true,
+        };
+        d.save()?;
+        Ok(d)
     }
 
     pub fn db_path(&self) -> PathBuf {

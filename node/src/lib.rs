@@ -16,6 +16,7 @@ pub mod dev;
 pub mod fuzzing;
 pub mod metrics;
 pub mod model;
+pub mod restore;
 pub mod server;
 pub mod storage;
 pub mod telemetry;

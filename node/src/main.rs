@@ -1,5 +1,5 @@
 //! The `raftkv` binary: `serve` runs one member, `dev` a local cluster, `keyring` manages
-//! encryption keyrings.
+//! encryption keyrings, `certs` makes certificates, `restore` makes a member from a backup.
 
 use clap::{Parser, Subcommand};
 
@@ -44,6 +44,8 @@ enum Cmd {
     /// Make a cluster CA and member or client certificates signed by it.
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// Make the data directory of one member of a new cluster from a backup.
+    Restore(raftkv::restore::RestoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -160,6 +162,23 @@ fn main() -> ExitCode {
     let result: Result<(), String> = match cli.command {
         Cmd::Keyring(k) => keyring(k),
         Cmd::Certs(c) => certs(c),
+        Cmd::Restore(args) => match raftkv::restore::run(&args) {
+            Ok(h) => {
+                println!(
+                    "restored {} into {} as member {} of a new cluster: revision {} (compacted at {}), taken {} s after the epoch from member {:x} of cluster {:x}",
+                    args.from.display(),
+                    args.data_dir.display(),
+                    args.id,
+                    h.revision,
+                    h.compact_revision,
+                    h.created_unix,
+                    h.member_id,
+                    h.cluster_id
+                );
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        },
         cmd => {
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -175,7 +194,7 @@ fn main() -> ExitCode {
                 match cmd {
                     Cmd::Serve(args) => raftkv::server::run(*args).await.map_err(|e| e.to_string()),
                     Cmd::Dev(args) => raftkv::dev::run(args).await,
-                    Cmd::Keyring(_) | Cmd::Certs(_) => Ok(()),
+                    Cmd::Keyring(_) | Cmd::Certs(_) | Cmd::Restore(_) => Ok(()),
                 }
             })
         }

@@ -38,6 +38,11 @@ pub struct Metrics {
     pub applied_refused: IntCounter,
     pub snapshot_installs: IntCounter,
     pub snapshot_install_seconds: Histogram,
+    // Backups served by this member (Maintenance.Snapshot)
+    pub backups: IntCounterVec,
+    pub backup_seconds: Histogram,
+    pub backup_last_bytes: IntGauge,
+    pub backup_last_success: IntGauge,
     term: IntGauge,
     leader_id: IntGauge,
     is_leader: IntGauge,
@@ -208,6 +213,38 @@ impl Metrics {
                     ]),
                 )
                 .expect("static metric definition"),
+            ),
+            backups: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "raftkv_backups_total",
+                        "Backups this member made (Maintenance.Snapshot), by result.",
+                    ),
+                    &["result"],
+                )
+                .expect("static metric definition"),
+            ),
+            backup_seconds: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "raftkv_backup_duration_seconds",
+                        "Time to write a backup file, before it is streamed.",
+                    )
+                    .buckets(vec![
+                        0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+                    ]),
+                )
+                .expect("static metric definition"),
+            ),
+            backup_last_bytes: gauge(
+                "raftkv_backup_last_bytes",
+                "Size of the last backup this member made.",
+            ),
+            backup_last_success: gauge(
+                "raftkv_backup_last_success_timestamp_seconds",
+                "When this member last made a backup (Unix time; 0: never).",
             ),
             term: gauge("raftkv_raft_term", "Current Raft term."),
             leader_id: gauge(

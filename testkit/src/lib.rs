@@ -190,6 +190,50 @@ pub fn bin() -> PathBuf {
 
 impl Cluster {
     pub fn start(opts: Options) -> Cluster {
+        let mut c = Cluster::prepare(opts);
+        c.start_all();
+        c
+    }
+
+    /// A new cluster whose members are restored (`raftkv restore`) from `backup`, with the
+    /// source cluster's keyring, then started.
+    pub fn start_restored(opts: Options, backup: &Path, keyring: &Path) -> Cluster {
+        let mut c = Cluster::prepare(opts);
+        c.cluster_token = "restored-cluster".into();
+        std::fs::copy(keyring, &c.keyring).expect("copy the source cluster's keyring");
+        for m in &c.members {
+            let out = Command::new(bin())
+                .arg("restore")
+                .arg("--from")
+                .arg(backup)
+                .arg("--data-dir")
+                .arg(&m.dir)
+                .args(["--id", &m.id.to_string()])
+                .args(["--cluster-token", &c.cluster_token])
+                .arg("--encryption-keyring-file")
+                .arg(&c.keyring)
+                .output()
+                .expect("run raftkv restore");
+            assert!(
+                out.status.success(),
+                "raftkv restore failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        c.start_all();
+        c
+    }
+
+    fn start_all(&mut self) {
+        for i in 0..self.members.len() {
+            self.spawn(i);
+        }
+        self.wait_ready(Duration::from_secs(60));
+        self.wait_root_user(Duration::from_secs(30));
+    }
+
+    /// The cluster's files and ports, no member running yet.
+    pub fn prepare(opts: Options) -> Cluster {
         let root = tempfile::tempdir().expect("tempdir");
         let secret = root.path().join("jwt-secret");
         std::fs::write(&secret, "test-secret-0123456789abcdef0123456789abcdef").unwrap();
@@ -222,7 +266,7 @@ impl Cluster {
                 child: None,
             })
             .collect();
-        let mut c = Cluster {
+        Cluster {
             root,
             members,
             opts,
@@ -235,13 +279,7 @@ impl Cluster {
             cluster_token: "test-cluster".into(),
             certs,
             pki,
-        };
-        for i in 0..c.members.len() {
-            c.spawn(i);
         }
-        c.wait_ready(Duration::from_secs(60));
-        c.wait_root_user(Duration::from_secs(30));
-        c
     }
 
     /// Waits until the `root` user the cluster seeds exists (it is created just after the

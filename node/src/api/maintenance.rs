@@ -174,43 +174,96 @@ impl Maintenance for MaintenanceService {
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         let principal = Api::principal(&req)?;
         self.api.require_admin(&principal)?;
+        // Everything acknowledged before this request is in the backup, even on a follower.
+        self.api.linearize().await?;
+        let started = std::time::Instant::now();
         let store = self.api.consensus.store().clone();
-        let path = store
-            .dir()
-            .join("snapshots")
-            .join(format!("backup-{:016x}", rand::random::<u64>()));
-        let p = path.clone();
-        tokio::task::spawn_blocking(move || crate::storage::snapshot::build(&store, &p))
+        let dir = store.dir().join("snapshots");
+        tokio::fs::create_dir_all(&dir)
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| status::from_storage(&e))?;
-        let data = tokio::fs::read(&path)
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let _ = tokio::fs::remove_file(&path).await;
-        let rev = self
-            .api
-            .consensus
-            .store()
-            .revisions()
-            .map(|(r, _)| r)
-            .unwrap_or(0);
-        let header = self.api.header(rev);
-        let total = data.len();
-        let chunks: Vec<Result<pb::SnapshotResponse, Status>> = data
-            .chunks(1 << 20)
-            .enumerate()
-            .map(|(i, c)| {
-                let sent = (i << 20) + c.len();
-                Ok(pb::SnapshotResponse {
-                    header,
-                    remaining_bytes: (total - sent) as u64,
-                    blob: c.to_vec(),
-                    version: ETCD_API_VERSION.into(),
-                })
+            .map_err(|e| Status::internal(format!("preparing the backup: {e}")))?;
+        let path = dir.join(format!("backup-{:016x}", rand::random::<u64>()));
+        let keys = crate::apply::keys_in_use(&store)
+            .map_err(|e| status::from_storage(&e))?
+            .into_iter()
+            .map(|(id, fp)| crate::storage::backup::BackupKey {
+                id,
+                fingerprint: hex::encode(fp),
             })
             .collect();
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+        let (cluster_id, member_id) = (self.api.consensus.cluster_id(), self.api.consensus.id());
+        let p = path.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            crate::storage::backup::write(&store, cluster_id, member_id, keys, &p)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))
+        .and_then(|r| r.map_err(|e| status::from_storage(&e)));
+        let m = &self.api.metrics;
+        let header = match written {
+            Ok(h) => h,
+            Err(e) => {
+                m.backups.with_label_values(&["error"]).inc();
+                tracing::error!(error = %e.message(), "making a backup failed");
+                return Err(e);
+            }
+        };
+        m.backups.with_label_values(&["ok"]).inc();
+        m.backup_seconds.observe(started.elapsed().as_secs_f64());
+        m.backup_last_success.set(header.created_unix as i64);
+        // Open, then unlink: the file lives as long as the stream reading it, however the
+        // client leaves.
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| Status::internal(format!("opening the backup: {e}")))?;
+        let _ = tokio::fs::remove_file(&path).await;
+        let total = file
+            .metadata()
+            .await
+            .map_err(|e| Status::internal(format!("reading the backup: {e}")))?
+            .len();
+        m.backup_last_bytes.set(total as i64);
+        tracing::info!(
+            revision = header.revision,
+            bytes = total,
+            took_ms = started.elapsed().as_millis() as u64,
+            "streaming a backup"
+        );
+        let response_header = self.api.header(header.revision);
+        let stream = futures::stream::unfold(
+            (file, 0u64, false),
+            move |(mut file, sent, done)| async move {
+                use tokio::io::AsyncReadExt;
+                if done {
+                    return None;
+                }
+                let mut blob = vec![0u8; 1 << 20];
+                let mut n = 0;
+                while n < blob.len() {
+                    match file.read(&mut blob[n..]).await {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) => {
+                            let err = Status::internal(format!("reading the backup: {e}"));
+                            return Some((Err(err), (file, sent, true)));
+                        }
+                    }
+                }
+                if n == 0 {
+                    return None;
+                }
+                blob.truncate(n);
+                let sent = sent + n as u64;
+                let item = pb::SnapshotResponse {
+                    header: response_header,
+                    remaining_bytes: total.saturating_sub(sent),
+                    blob,
+                    version: ETCD_API_VERSION.into(),
+                };
+                Some((Ok(item), (file, sent, false)))
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn move_leader(

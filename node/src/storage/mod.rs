@@ -5,6 +5,7 @@
 //! layer before they reach this module, and gRPC never does.
 
 pub mod auth_state;
+pub mod backup;
 pub mod codec;
 pub mod mvcc;
 pub mod snapshot;

@@ -23,13 +23,49 @@ pub const META_APPLIED: &[u8] = b"applied";
 pub const META_MEMBERSHIP: &[u8] = b"membership";
 
 /// What a snapshot file says about itself: the encoded last-applied log id and membership.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SnapshotFacts {
     pub applied: Option<Vec<u8>>,
     pub membership: Option<Vec<u8>>,
+    /// The MVCC revision and compaction revision the file holds.
+    pub revision: i64,
+    pub compacted: i64,
     pub bytes: u64,
     pub records: u64,
 }
+
+impl Default for SnapshotFacts {
+    fn default() -> Self {
+        SnapshotFacts {
+            applied: None,
+            membership: None,
+            revision: super::mvcc::INITIAL_REVISION,
+            compacted: 0,
+            bytes: 0,
+            records: 0,
+        }
+    }
+}
+
+impl SnapshotFacts {
+    /// Notes what a state-machine metadata record says.
+    fn note_meta(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        if key == META_APPLIED {
+            self.applied = Some(value.to_vec());
+        } else if key == META_MEMBERSHIP {
+            self.membership = Some(value.to_vec());
+        } else if key == super::mvcc::META_REVISION {
+            self.revision = super::codec::decode_i64(value)?;
+        } else if key == super::mvcc::META_COMPACTED {
+            self.compacted = super::codec::decode_i64(value)?;
+        }
+        Ok(())
+    }
+}
+
+/// Longest key or value a snapshot record may have: far above any request's, and low enough
+/// that a corrupt length cannot make a reader allocate gigabytes.
+const MAX_RECORD_BYTES: usize = 256 << 20;
 
 struct CrcWriter<W: Write> {
     inner: W,
@@ -84,8 +120,7 @@ pub fn checkpoint(store: &Store, dir: &Path) -> Result<SnapshotFacts> {
     Ok(SnapshotFacts {
         applied: db.get_cf(meta, META_APPLIED)?,
         membership: db.get_cf(meta, META_MEMBERSHIP)?,
-        bytes: 0,
-        records: 0,
+        ..Default::default()
     })
 }
 
@@ -157,11 +192,7 @@ fn write_records<'a>(
         for item in db.iterator_cf_opt(handle, ro(), IteratorMode::Start) {
             let (k, v) = item?;
             if *name == CF_META {
-                if &*k == META_APPLIED {
-                    facts.applied = Some(v.to_vec());
-                } else if &*k == META_MEMBERSHIP {
-                    facts.membership = Some(v.to_vec());
-                }
+                facts.note_meta(&k, &v)?;
             }
             w.write_all(&[i as u8])?;
             w.write_all(&(k.len() as u32).to_le_bytes())?;
@@ -228,7 +259,13 @@ impl<R: Read> SnapshotReader<R> {
     fn read_len(&mut self) -> Result<usize> {
         let mut b = [0u8; 4];
         self.read_exact(&mut b)?;
-        Ok(u32::from_le_bytes(b) as usize)
+        let n = u32::from_le_bytes(b) as usize;
+        if n > MAX_RECORD_BYTES {
+            return Err(StorageError::Other(format!(
+                "snapshot file is corrupt: a record claims {n} bytes"
+            )));
+        }
+        Ok(n)
     }
 
     /// The next record, or None at the end marker (after checking the checksum).
@@ -281,11 +318,7 @@ pub fn verify(path: &Path) -> Result<SnapshotFacts> {
     while let Some(e) = r.next()? {
         facts.records += 1;
         if e.cf == meta_cf {
-            if e.key == META_APPLIED {
-                facts.applied = Some(e.value);
-            } else if e.key == META_MEMBERSHIP {
-                facts.membership = Some(e.value);
-            }
+            facts.note_meta(&e.key, &e.value)?;
         }
     }
     Ok(facts)
@@ -303,6 +336,20 @@ pub fn install(store: &Store, path: &Path) -> Result<SnapshotFacts> {
     store.sync_wal()?;
     load(store, path)?;
     store.db().delete_cf(raft, INSTALL_MARKER)?;
+    store.sync_wal()?;
+    Ok(facts)
+}
+
+/// Fills the state machine of a store that was never used with the snapshot in `path`, as the
+/// starting state of a new cluster: everything but the Raft position and membership, which the
+/// new cluster makes its own.
+pub fn seed_new_cluster(store: &Store, path: &Path) -> Result<SnapshotFacts> {
+    let facts = verify(path)?;
+    let _gate = store.write_gate();
+    load(store, path)?;
+    let meta = store.cf(CF_META)?;
+    store.db().delete_cf(meta, META_APPLIED)?;
+    store.db().delete_cf(meta, META_MEMBERSHIP)?;
     store.sync_wal()?;
     Ok(facts)
 }

@@ -124,11 +124,49 @@ enum Cmd {
         #[arg(long, default_value_t = 256)]
         batch_size: u32,
     },
+    /// Save or check backups (restore one with `raftkv restore`).
+    #[command(subcommand)]
+    Backup(BackupCmd),
     /// Sign tokens.
     #[command(subcommand)]
     Token(token::TokenCmd),
     /// Closed-loop load against any etcd v3 endpoints.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum BackupCmd {
+    /// Save a backup of the whole cluster at its current revision into FILE (root only).
+    Save { file: PathBuf },
+    /// Check that FILE is a whole backup and show what it holds.
+    Inspect { file: PathBuf },
+}
+
+fn print_backup(path: &std::path::Path, b: &raftkv_client::backup::BackupInfo, json_out: bool) {
+    if json_out {
+        let keys: Vec<u32> = b.keys.iter().map(|k| k.id).collect();
+        println!(
+            "{}",
+            json!({"file": path.display().to_string(), "revision": b.revision,
+                   "compact_revision": b.compact_revision, "bytes": b.bytes,
+                   "sha256": b.sha256, "cluster_id": format!("{:x}", b.cluster_id),
+                   "member_id": format!("{:x}", b.member_id), "key_ids": keys,
+                   "created_unix": b.created_unix})
+        );
+    } else {
+        let keys: Vec<String> = b.keys.iter().map(|k| k.id.to_string()).collect();
+        println!(
+            "{}: revision {} (compacted at {}), {} bytes, sha256 {}, from member {:x} of cluster {:x}, values sealed with key ids [{}]",
+            path.display(),
+            b.revision,
+            b.compact_revision,
+            b.bytes,
+            b.sha256,
+            b.member_id,
+            b.cluster_id,
+            keys.join(", ")
+        );
+    }
 }
 
 async fn connect(cli: &Cli) -> Result<Client, Error> {
@@ -193,6 +231,11 @@ async fn run(cli: Cli) -> Result<(), Error> {
     let json_out = cli.output == Format::Json;
     match &cli.cmd {
         Cmd::Token(t) => return token::run(t).map_err(Error::Config),
+        Cmd::Backup(BackupCmd::Inspect { file }) => {
+            let b = raftkv_client::backup::inspect(file)?;
+            print_backup(file, &b, json_out);
+            return Ok(());
+        }
         Cmd::Bench(b) => return bench::run(&cli.endpoints, cli.token.clone(), b).await,
         _ => {}
     }
@@ -433,7 +476,11 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 println!("re-encrypted {n} values; everything is sealed with key {key}");
             }
         }
-        Cmd::Token(_) | Cmd::Bench(_) => {}
+        Cmd::Backup(BackupCmd::Save { file }) => {
+            let b = client.save_backup(file).await?;
+            print_backup(file, &b, json_out);
+        }
+        Cmd::Token(_) | Cmd::Bench(_) | Cmd::Backup(BackupCmd::Inspect { .. }) => {}
     }
     Ok(())
 }
