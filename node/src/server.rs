@@ -591,7 +591,10 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
         }
     }
 
-    wait_for_signal().await;
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        _ = consensus.removed() => {}
+    }
     tracing::info!(member = my_id, "shutting down");
     // As etcd: hand leadership over first, so that the others do not wait out an election
     // timeout, then end long-lived streams so their clients move to another member at once.

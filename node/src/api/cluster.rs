@@ -65,6 +65,17 @@ impl ClusterService {
         Ok(members_out(&self.api.consensus.status()))
     }
 
+    /// The members after removing `id`. A member that removed itself gets no more entries from
+    /// the leader, so it cannot wait to see the change: it answers from what it knows.
+    async fn members_after_removing(&self, id: u64) -> Result<Vec<pb::Member>, Status> {
+        if id != self.api.consensus.id() {
+            return self.members_after().await;
+        }
+        let mut members = members_out(&self.api.consensus.status());
+        members.retain(|m| m.id != id);
+        Ok(members)
+    }
+
     async fn change(&self, caller: &Caller, change: MembershipChange) -> Result<(), Status> {
         self.api
             .consensus
@@ -147,7 +158,7 @@ impl Cluster for ClusterService {
         tracing::info!(member = id, "member removed");
         Ok(Response::new(pb::MemberRemoveResponse {
             header: self.api.header(0),
-            members: self.members_after().await?,
+            members: self.members_after_removing(id).await?,
         }))
     }
 

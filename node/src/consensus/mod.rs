@@ -204,6 +204,9 @@ struct Inner {
     /// While set, this member grants no votes (see `abstain_until_caught_up`).
     abstaining: std::sync::atomic::AtomicBool,
     leader_changes: std::sync::atomic::AtomicU64,
+    /// Becomes true once this member applied a membership that no longer names it, or a
+    /// member answered its vote request saying so.
+    removed: Arc<tokio::sync::watch::Sender<bool>>,
     /// When a leader last sent this node anything (replication or heartbeat).
     last_leader_contact: std::sync::Mutex<Option<std::time::Instant>>,
     leader_handler: std::sync::RwLock<Option<LeaderHandler>>,
@@ -269,6 +272,7 @@ impl Consensus {
         let inner = Arc::new(Inner {
             abstaining: std::sync::atomic::AtomicBool::new(false),
             leader_changes: std::sync::atomic::AtomicU64::new(0),
+            removed: channels.removed.clone(),
             last_leader_contact: std::sync::Mutex::new(None),
             leader_handler: std::sync::RwLock::new(None),
             gatekeeper: std::sync::RwLock::new(Arc::new(Closed)),
@@ -912,9 +916,18 @@ impl Consensus {
                 }
                 Ok(())
             }
-            MembershipChange::UpdateNode { id, node } => map(raft
-                .change_membership(ChangeMembers::SetNodes(BTreeMap::from([(id, node)])), true)
-                .await),
+            MembershipChange::UpdateNode { id, node } => {
+                // Setting a node that is not a member would add it as a learner: a member that
+                // was removed while publishing its attributes must not come back that way.
+                if !self.status().nodes.contains_key(&id) {
+                    return Err(LocalError::Failed(ProposeError::Rejected(
+                        "etcdserver: member not found".into(),
+                    )));
+                }
+                map(raft
+                    .change_membership(ChangeMembers::SetNodes(BTreeMap::from([(id, node)])), true)
+                    .await)
+            }
             MembershipChange::TransferLeader { to } => {
                 if !self.status().is_leader() {
                     return Err(LocalError::Forward);
@@ -1021,6 +1034,26 @@ impl Consensus {
         self.inner.raft.metrics().borrow_watched().current_term
     }
 
+    /// Whether `id` asks to be elected though this member's membership no longer names it:
+    /// it was removed (a node this member knows nothing about yet is not judged).
+    pub(crate) fn was_removed(&self, id: NodeId) -> bool {
+        let m = self
+            .inner
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
+        let mut nodes = m.membership().nodes().peekable();
+        nodes.peek().is_some() && !m.membership().nodes().any(|(n, _)| *n == id)
+    }
+
+    /// Resolves once this member learned it was removed from the cluster.
+    pub async fn removed(&self) {
+        let mut rx = self.inner.removed.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
     /// Stops Raft.
     pub async fn shutdown(&self) {
         if let Err(e) = self.inner.raft.shutdown().await {
@@ -1034,6 +1067,7 @@ async fn observe(c: Consensus) {
     let mut rx = c.inner.raft.metrics();
     let mut leader: Option<NodeId> = None;
     let mut membership: Option<Option<types::LogId>> = None;
+    let mut was_member = false;
     loop {
         // Metrics change with every write: the membership is compared by its log id and only
         // formatted when it changed.
@@ -1041,6 +1075,29 @@ async fn observe(c: Consensus) {
             let m = rx.borrow_and_update();
             let at = *m.membership_config.log_id();
             let changed = membership.as_ref() != Some(&at);
+            // Removed once a configuration without this member is applied here (committed):
+            // like etcd's, such a member stops instead of serving "no leader" forever.
+            let applied = match (&m.last_applied, &at) {
+                (Some(applied), Some(at)) => applied.index >= at.index,
+                _ => false,
+            };
+            let named = m
+                .membership_config
+                .membership()
+                .nodes()
+                .any(|(id, _)| *id == c.id());
+            // A member joining with empty storage applies older configurations that do not
+            // name it yet: only one that was a member can be removed.
+            if applied && named {
+                was_member = true;
+            }
+            if applied && was_member && !named && !*c.inner.removed.borrow() {
+                tracing::error!(
+                    node = c.id(),
+                    "this member was removed from the cluster; stopping"
+                );
+                c.inner.removed.send_replace(true);
+            }
             (
                 m.current_leader,
                 m.current_term,

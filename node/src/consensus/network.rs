@@ -26,12 +26,18 @@ pub const CLUSTER_ID_HEADER: &str = "raftkv-cluster-id";
 
 const SNAPSHOT_CHUNK: usize = 1 << 20;
 
+/// What a member answers a vote request from a node its membership no longer names (etcd's
+/// words); the node that gets it knows it was removed.
+pub const REMOVED_MEMBER: &str = "the member has been permanently removed from the cluster";
+
 /// Shared gRPC channels to peers, one per peer URL (HTTP/2 multiplexes all traffic over it).
 #[derive(Clone)]
 pub struct PeerChannels {
     cluster_id: u64,
     tls: Arc<Mutex<Option<ClientTlsConfig>>>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Set once a peer said this member was removed.
+    pub(crate) removed: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl PeerChannels {
@@ -40,6 +46,7 @@ impl PeerChannels {
             cluster_id,
             tls: Arc::new(Mutex::new(tls)),
             channels: Arc::new(Mutex::new(HashMap::new())),
+            removed: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
 
@@ -160,7 +167,19 @@ impl PeerClient {
         let client = self.client()?;
         match tokio::time::timeout(option.hard_ttl(), call(client)).await {
             Ok(Ok(resp)) => Ok(resp.into_inner().data),
-            Ok(Err(status)) => Err(status_to_rpc(self.target, status)),
+            Ok(Err(status)) => {
+                if status.code() == tonic::Code::FailedPrecondition
+                    && status.message().contains(REMOVED_MEMBER)
+                    && !*self.channels.removed.borrow()
+                {
+                    tracing::error!(
+                        peer = self.target,
+                        "a member says this member was removed from the cluster"
+                    );
+                    self.channels.removed.send_replace(true);
+                }
+                Err(status_to_rpc(self.target, status))
+            }
             Err(_) => Err(RPCError::Network(NetworkError::from_string(format!(
                 "peer {}: timed out after {:?}",
                 self.target,

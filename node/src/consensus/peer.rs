@@ -11,6 +11,7 @@ use crate::model::Credential;
 use crate::tls::PeerConnInfo;
 use futures::StreamExt;
 use openraft::Snapshot;
+use openraft::vote::RaftLeaderId;
 use raftkv_proto::peer::raft_peer_server::{RaftPeer, RaftPeerServer};
 use raftkv_proto::peer::{Frame, SnapshotChunk};
 use std::pin::Pin;
@@ -141,7 +142,11 @@ impl RaftPeer for PeerService {
                 "member is joining with empty storage and abstains from elections until caught up",
             ));
         }
-        let rpc = decode(&req.into_inner().data).map_err(bad)?;
+        let rpc: openraft::raft::VoteRequest<TypeConfig> =
+            decode(&req.into_inner().data).map_err(bad)?;
+        if self.consensus.was_removed(*rpc.vote.leader_id().node_id()) {
+            return Err(Status::failed_precondition(super::network::REMOVED_MEMBER));
+        }
         let resp = self
             .consensus
             .inner
@@ -159,7 +164,11 @@ impl RaftPeer for PeerService {
                 "member is joining with empty storage and abstains from elections until caught up",
             ));
         }
-        let rpc = decode(&req.into_inner().data).map_err(bad)?;
+        let rpc: openraft::raft::VoteRequest<TypeConfig> =
+            decode(&req.into_inner().data).map_err(bad)?;
+        if self.consensus.was_removed(*rpc.vote.leader_id().node_id()) {
+            return Err(Status::failed_precondition(super::network::REMOVED_MEMBER));
+        }
         let resp = self
             .consensus
             .inner

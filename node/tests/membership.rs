@@ -1,0 +1,91 @@
+//! Removing members: the answer comes back even when a member removes itself, and a removed
+//! member stops (as etcd's does) instead of serving "no leader" to the clients still routed to
+//! it, while the others keep serving.
+
+use raftkv_proto::etcdserverpb as pb;
+use raftkv_proto::etcdserverpb::cluster_client::ClusterClient;
+use raftkv_testkit::*;
+use std::time::{Duration, Instant};
+
+/// Waits for member `i`'s process to exit.
+fn exits_within(c: &mut Cluster, i: usize, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(child) = c.members[i].child.as_mut()
+            && let Ok(Some(_)) = child.try_wait()
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_that_removes_itself_gets_an_answer_and_stops() {
+    let mut c = Cluster::start(Options::default());
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let victim = (leader + 1) % 3;
+    let id = c.members[victim].id;
+    let mut cluster = ClusterClient::new(c.channel(victim).await);
+    let r = cluster
+        .member_remove(authed(pb::MemberRemoveRequest { id }, &c.token))
+        .await
+        .expect("the removal is answered by the member it removed")
+        .into_inner();
+    assert_eq!(r.members.len(), 2, "{r:?}");
+    assert!(r.members.iter().all(|m| m.id != id));
+    assert!(
+        exits_within(&mut c, victim, Duration::from_secs(30)),
+        "the removed member stopped; log:\n{}",
+        c.log_tail(victim)
+    );
+    assert!(c.log_tail(victim).contains("removed from the cluster"));
+    // The other two serve writes and agree on the membership.
+    for i in (0..3).filter(|i| *i != victim) {
+        let mut kv = c.kv(i).await;
+        kv.put(authed(put_req("after", "removal"), &c.token))
+            .await
+            .unwrap();
+        let list = ClusterClient::new(c.channel(i).await)
+            .member_list(authed(
+                pb::MemberListRequest { linearizable: true },
+                &c.token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(list.members.len(), 2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_leader_stops_and_a_new_one_takes_over() {
+    let mut c = Cluster::start(Options::default());
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let via = (leader + 1) % 3;
+    let id = c.members[leader].id;
+    ClusterClient::new(c.channel(via).await)
+        .member_remove(authed(pb::MemberRemoveRequest { id }, &c.token))
+        .await
+        .expect("removing the leader");
+    assert!(
+        exits_within(&mut c, leader, Duration::from_secs(15)),
+        "the removed leader stopped; log:\n{}",
+        c.log_tail(leader)
+    );
+    let mut kv = c.kv(via).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match kv.put(authed(put_req("k", "v"), &c.token)).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no write after the removal: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
