@@ -209,6 +209,13 @@ pub struct TlsSpec {
     /// generates a CA and a certificate for each member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_secret_name: Option<String>,
+    /// Require client certificates signed by the client Secret's `ca.crt`, and let a verified
+    /// certificate's common name be the user when a request carries no token (etcd's
+    /// `--client-cert-auth`; how kube-apiserver authenticates to its store). Needs
+    /// `clientSecretName`, whose certificate the operator then presents as a client too (it
+    /// must allow client authentication).
+    #[serde(default)]
+    pub client_cert_auth: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]

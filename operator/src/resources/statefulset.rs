@@ -216,6 +216,13 @@ pub fn statefulset(kvc: &KVCluster, replicas: i32) -> StatefulSet {
             "--client-key-file".into(),
             "/etc/raftkv/client-tls/tls.key".into(),
         ]);
+        if tls.client_cert_auth {
+            args.extend([
+                "--client-trusted-ca-file".into(),
+                "/etc/raftkv/client-tls/ca.crt".into(),
+                "--client-cert-auth".into(),
+            ]);
+        }
     }
     // The peer port always runs mutual TLS: with the user's certificate (cert-manager or their
     // own CA; one certificate valid for every pod), or with the operator's per-member ones.
@@ -478,6 +485,7 @@ mod tests {
         kvc.spec.tls = Some(crate::crd::TlsSpec {
             client_secret_name: None,
             peer_secret_name: Some("peer-certs".into()),
+            client_cert_auth: true,
         });
         let sts = statefulset(&kvc, 3);
         let pod = sts.spec.unwrap().template.spec.unwrap();
@@ -488,5 +496,23 @@ mod tests {
         assert!(args.contains("--advertise-peer https://"));
         let vols: Vec<String> = pod.volumes.unwrap().into_iter().map(|v| v.name).collect();
         assert!(vols.contains(&"peer-tls".to_string()) && !vols.contains(&"keyring".to_string()));
+        // Client-certificate identity needs client TLS: without a client Secret it is not set.
+        assert!(!args.contains("--client-cert-auth"));
+    }
+
+    #[test]
+    fn client_certificate_identity_requires_and_trusts_the_client_ca() {
+        let mut kvc = cluster(3);
+        kvc.spec.tls = Some(crate::crd::TlsSpec {
+            client_secret_name: Some("client-certs".into()),
+            peer_secret_name: None,
+            client_cert_auth: true,
+        });
+        let sts = statefulset(&kvc, 3);
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        let args = pod.containers[0].args.as_ref().unwrap().join(" ");
+        assert!(args.contains("--client-cert-file /etc/raftkv/client-tls/tls.crt"));
+        assert!(args.contains("--client-trusted-ca-file /etc/raftkv/client-tls/ca.crt"));
+        assert!(args.contains("--client-cert-auth"));
     }
 }
