@@ -33,10 +33,12 @@ const (
 
 // Cluster is the set of members and how to reach, stop and cut them.
 type Cluster struct {
-	target    string // "raftkv" or "etcd"
-	bin       string
-	dir       string
-	netns     bool
+	target string // "raftkv" or "etcd"
+	bin    string
+	dir    string
+	netns  bool
+	// Every process started, including members since replaced: Stop ends them all.
+	spawned   []*exec.Cmd
 	electMs   int
 	user      string
 	password  string
@@ -232,6 +234,8 @@ func (c *Cluster) spawn(slot int, id uint64, argv []string) error {
 		return err
 	}
 	cmd := exec.Command(argv[0], argv[1:]...)
+	// Members die with the suite, however it ends.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.Env = append(os.Environ(), "RUST_LOG=info,openraft=warn")
 	if err := cmd.Start(); err != nil {
@@ -239,6 +243,7 @@ func (c *Cluster) spawn(slot int, id uint64, argv []string) error {
 	}
 	go func() { _ = cmd.Wait(); f.Close() }()
 	c.mu.Lock()
+	c.spawned = append(c.spawned, cmd)
 	old := c.members[slot]
 	m := &Member{Slot: slot, ID: id, Cmd: cmd, Log: logPath}
 	if old != nil {
@@ -457,15 +462,15 @@ func (c *Cluster) Replace(slot int) error {
 	}
 }
 
-// Stop ends every member.
+// Stop ends every process the suite started.
 func (c *Cluster) Stop() {
-	for s := 1; s <= slotCount; s++ {
-		c.mu.Lock()
-		m := c.members[s]
-		c.mu.Unlock()
-		if m != nil && m.Cmd.Process != nil {
-			_ = m.Cmd.Process.Signal(syscall.SIGCONT)
-			_ = m.Cmd.Process.Kill()
+	c.mu.Lock()
+	all := append([]*exec.Cmd(nil), c.spawned...)
+	c.mu.Unlock()
+	for _, cmd := range all {
+		if cmd.Process != nil {
+			_ = cmd.Process.Signal(syscall.SIGCONT)
+			_ = cmd.Process.Kill()
 		}
 	}
 	c.Heal()

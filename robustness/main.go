@@ -94,6 +94,7 @@ func main() {
 	if *target == "raftkv" {
 		c.user, c.password = "root", "robustness-root-pw"
 	}
+	running = c
 	c.netns = setupNetwork()
 	defer teardownNetwork()
 	if !c.netns && *needPartitions {
@@ -232,6 +233,9 @@ func main() {
 		for _, v := range report.Violations {
 			fmt.Println("  " + v)
 		}
+		// os.Exit skips deferred calls.
+		c.Stop()
+		teardownNetwork()
 		os.Exit(1)
 	}
 	if *target == "raftkv" {
@@ -260,8 +264,14 @@ func summarize(r Report) {
 	fmt.Printf("longest watch gap %v, connection-drop errors %d, linearizable %v\n", r.WatchLongestGap, r.ConnectionDrops, r.Linearizable["all"])
 }
 
+// running is the cluster to stop if the suite fails before it can check anything.
+var running *Cluster
+
 func fail(err error) {
 	fmt.Fprintln(os.Stderr, "robustness:", err)
+	if running != nil {
+		running.Stop()
+	}
 	teardownNetwork()
 	os.Exit(2)
 }

@@ -113,7 +113,12 @@ impl Client {
                         .snapshot(meta.wrap(pb::SnapshotRequest {}))
                         .await?
                         .into_inner();
-                    let mut f = tokio::fs::File::create(&part).await.map_err(io)?;
+                    // Backups hold password hashes and key names: readable by the owner only.
+                    let mut open = tokio::fs::OpenOptions::new();
+                    open.write(true).create(true).truncate(true);
+                    #[cfg(unix)]
+                    open.mode(0o600);
+                    let mut f = open.open(&part).await.map_err(io)?;
                     let mut bytes = 0u64;
                     while let Some(m) = stream.message().await? {
                         f.write_all(&m.blob).await.map_err(io)?;

@@ -145,24 +145,16 @@ impl DataDir {
         }
     }
 
-    /// Makes `path` (missing or empty) the data directory of member `member_id` of a new
-    /// cluster restored from the backup with SHA-256 `digest`. The backup brings its users, so
-    /// no initial root user is created.
-    pub fn create_restored(
+    /// Marks `path`, which holds a database seeded from the backup with SHA-256 `digest`, as
+    /// the data directory of member `member_id` of a new cluster. The backup brings its users,
+    /// so no initial root user is created. Written last by a restore: a directory without it
+    /// is never taken for a member's.
+    pub fn mark_restored(
         path: &Path,
         token: &str,
         member_id: u64,
         digest: &str,
     ) -> Result<DataDir, IdentityError> {
-        let dir = path.display().to_string();
-        let io = |source| IdentityError::Io {
-            dir: dir.clone(),
-            source,
-        };
-        std::fs::create_dir_all(path).map_err(io)?;
-        if std::fs::read_dir(path).map_err(io)?.next().is_some() {
-            return Err(IdentityError::NotEmpty(dir));
-        }
         let d = DataDir {
             path: path.to_path_buf(),
             identity: Identity {

@@ -437,6 +437,7 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
         read_inflight: Arc::new(crate::storage::mvcc::InflightBytes::new(
             args.max_inflight_read_bytes,
         )),
+        backup_slot: Arc::new(tokio::sync::Semaphore::new(1)),
         nospace: AtomicBool::new(false),
         stopping: tokio::sync::watch::channel(false).0,
         client_urls: me.client_urls.clone(),

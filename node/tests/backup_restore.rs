@@ -297,6 +297,14 @@ async fn restore_refuses_corrupt_backups_missing_keys_and_used_directories() {
     assert!(stderr(&o).contains("key id"), "{}", stderr(&o));
     assert!(!target.exists());
 
+    // Nor is any half-assembled member left beside it.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("restoring"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
     let used = src.members[2].dir.clone();
     let o = restore(&file, &used, &src.keyring);
     assert!(!o.status.success());

@@ -176,32 +176,47 @@ impl Maintenance for MaintenanceService {
         self.api.require_admin(&principal)?;
         // Everything acknowledged before this request is in the backup, even on a follower.
         self.api.linearize().await?;
+        // One at a time: each holds a copy of the data on disk until its stream ends.
+        let Ok(one_at_a_time) = self.api.backup_slot.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(
+                "etcdserver: a backup is already being made on this member; retry when it is done",
+            ));
+        };
         let started = std::time::Instant::now();
         let store = self.api.consensus.store().clone();
-        let dir = store.dir().join("snapshots");
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| Status::internal(format!("preparing the backup: {e}")))?;
-        let path = dir.join(format!("backup-{:016x}", rand::random::<u64>()));
-        let keys = crate::apply::keys_in_use(&store)
-            .map_err(|e| status::from_storage(&e))?
-            .into_iter()
-            .map(|(id, fp)| crate::storage::backup::BackupKey {
-                id,
-                fingerprint: hex::encode(fp),
-            })
-            .collect();
         let (cluster_id, member_id) = (self.api.consensus.cluster_id(), self.api.consensus.id());
-        let p = path.clone();
         let written = tokio::task::spawn_blocking(move || {
-            crate::storage::backup::write(&store, cluster_id, member_id, keys, &p)
+            use crate::storage::backup::{self, BackupKey};
+            // Beside the database, not in it: a backup's copy must not count toward the quota.
+            let dir = store
+                .dir()
+                .parent()
+                .map(|p| p.join("backups"))
+                .unwrap_or_else(|| store.dir().join("backups"));
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join(format!("backup-{:016x}", rand::random::<u64>()));
+            let keys = || -> Result<Vec<BackupKey>, crate::storage::StorageError> {
+                Ok(crate::apply::keys_in_use(&store)?
+                    .into_iter()
+                    .map(|(id, fp)| BackupKey {
+                        id,
+                        fingerprint: hex::encode(fp),
+                    })
+                    .collect())
+            };
+            let header = backup::write(&store, cluster_id, member_id, keys, &path)?;
+            // Opened, then unlinked, here: the file lives as long as the stream reading it, and
+            // nothing is left behind however the client leaves.
+            let file = std::fs::File::open(&path);
+            let _ = std::fs::remove_file(&path);
+            Ok::<_, crate::storage::StorageError>((header, file?))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))
         .and_then(|r| r.map_err(|e| status::from_storage(&e)));
         let m = &self.api.metrics;
-        let header = match written {
-            Ok(h) => h,
+        let (header, file) = match written {
+            Ok(w) => w,
             Err(e) => {
                 m.backups.with_label_values(&["error"]).inc();
                 tracing::error!(error = %e.message(), "making a backup failed");
@@ -211,12 +226,7 @@ impl Maintenance for MaintenanceService {
         m.backups.with_label_values(&["ok"]).inc();
         m.backup_seconds.observe(started.elapsed().as_secs_f64());
         m.backup_last_success.set(header.created_unix as i64);
-        // Open, then unlink: the file lives as long as the stream reading it, however the
-        // client leaves.
-        let file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| Status::internal(format!("opening the backup: {e}")))?;
-        let _ = tokio::fs::remove_file(&path).await;
+        let file = tokio::fs::File::from_std(file);
         let total = file
             .metadata()
             .await
@@ -231,8 +241,8 @@ impl Maintenance for MaintenanceService {
         );
         let response_header = self.api.header(header.revision);
         let stream = futures::stream::unfold(
-            (file, 0u64, false),
-            move |(mut file, sent, done)| async move {
+            (file, 0u64, false, one_at_a_time),
+            move |(mut file, sent, done, slot)| async move {
                 use tokio::io::AsyncReadExt;
                 if done {
                     return None;
@@ -245,7 +255,7 @@ impl Maintenance for MaintenanceService {
                         Ok(k) => n += k,
                         Err(e) => {
                             let err = Status::internal(format!("reading the backup: {e}"));
-                            return Some((Err(err), (file, sent, true)));
+                            return Some((Err(err), (file, sent, true, slot)));
                         }
                     }
                 }
@@ -260,7 +270,7 @@ impl Maintenance for MaintenanceService {
                     blob,
                     version: ETCD_API_VERSION.into(),
                 };
-                Some((Ok(item), (file, sent, false)))
+                Some((Ok(item), (file, sent, false, slot)))
             },
         );
         Ok(Response::new(Box::pin(stream)))

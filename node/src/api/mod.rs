@@ -86,6 +86,8 @@ pub struct ApiInner {
     pub logins: crate::auth::logins::LoginGuard,
     /// Bytes all reads on this member hold at once (`--max-inflight-read-bytes`).
     pub read_inflight: Arc<crate::storage::mvcc::InflightBytes>,
+    /// Held while this member makes and streams a backup (one at a time).
+    pub backup_slot: Arc<tokio::sync::Semaphore>,
     /// Set while the database is over its quota (etcd's NOSPACE alarm).
     pub nospace: AtomicBool,
     /// Becomes true when the member stops: long-lived streams end so that shutdown is prompt

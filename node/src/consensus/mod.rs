@@ -1034,18 +1034,22 @@ impl Consensus {
         self.inner.raft.metrics().borrow_watched().current_term
     }
 
-    /// Whether `id` asks to be elected though this member's membership no longer names it:
-    /// it was removed (a node this member knows nothing about yet is not judged).
-    pub(crate) fn was_removed(&self, id: NodeId) -> bool {
-        let m = self
-            .inner
-            .raft
-            .metrics()
-            .borrow_watched()
+    /// Whether candidate `id`, whose log ends at `last_log_index`, was removed: this member
+    /// applied (so the cluster committed) a configuration that does not name it, and the
+    /// candidate's log ends at or before that configuration. A member added after the
+    /// configuration this one knows has later entries, and is not judged by a member that lags.
+    pub(crate) fn was_removed(&self, id: NodeId, last_log_index: Option<u64>) -> bool {
+        let m = self.inner.raft.metrics().borrow_watched().clone();
+        let Some(at) = *m.membership_config.log_id() else {
+            return false;
+        };
+        let applied = m.last_applied.is_some_and(|a| a.index >= at.index);
+        let named = m
             .membership_config
-            .clone();
-        let mut nodes = m.membership().nodes().peekable();
-        nodes.peek().is_some() && !m.membership().nodes().any(|(n, _)| *n == id)
+            .membership()
+            .nodes()
+            .any(|(n, _)| *n == id);
+        applied && !named && last_log_index.is_none_or(|i| i <= at.index)
     }
 
     /// Resolves once this member learned it was removed from the cluster.
@@ -1091,7 +1095,13 @@ async fn observe(c: Consensus) {
             if applied && named {
                 was_member = true;
             }
-            if applied && was_member && !named && !*c.inner.removed.borrow() {
+            // Only a configuration this member proposed itself, as leader in the current term,
+            // counts: a member that replays an old log (a reused id, a stale volume) applies
+            // removals that later entries undo.
+            let proposed_here = at.is_some_and(|at| {
+                at.leader_id.node_id == c.id() && at.leader_id.term == m.current_term
+            });
+            if applied && was_member && !named && proposed_here && !*c.inner.removed.borrow() {
                 tracing::error!(
                     node = c.id(),
                     "this member was removed from the cluster; stopping"

@@ -144,7 +144,10 @@ impl RaftPeer for PeerService {
         }
         let rpc: openraft::raft::VoteRequest<TypeConfig> =
             decode(&req.into_inner().data).map_err(bad)?;
-        if self.consensus.was_removed(*rpc.vote.leader_id().node_id()) {
+        if self.consensus.was_removed(
+            *rpc.vote.leader_id().node_id(),
+            rpc.last_log_id.map(|l| l.index),
+        ) {
             return Err(Status::failed_precondition(super::network::REMOVED_MEMBER));
         }
         let resp = self
@@ -166,7 +169,10 @@ impl RaftPeer for PeerService {
         }
         let rpc: openraft::raft::VoteRequest<TypeConfig> =
             decode(&req.into_inner().data).map_err(bad)?;
-        if self.consensus.was_removed(*rpc.vote.leader_id().node_id()) {
+        if self.consensus.was_removed(
+            *rpc.vote.leader_id().node_id(),
+            rpc.last_log_id.map(|l| l.index),
+        ) {
             return Err(Status::failed_precondition(super::network::REMOVED_MEMBER));
         }
         let resp = self

@@ -86,12 +86,13 @@ impl<W: Write> Write for HashingWriter<W> {
 }
 
 /// Writes a backup of `store` as of now to `path` (atomically: a partial file is never left
-/// under that name). `keys` are the encryption keys the cluster has used.
+/// under that name). `keys` lists the encryption keys the cluster has used; it is asked after
+/// the data is captured, so a key first used in between is listed too.
 pub fn write(
     store: &Store,
     cluster_id: u64,
     member_id: u64,
-    keys: Vec<BackupKey>,
+    keys: impl FnOnce() -> Result<Vec<BackupKey>>,
     path: &Path,
 ) -> Result<BackupHeader> {
     let snap = path.with_extension(format!("{:016x}.snap", rand::random::<u64>()));
@@ -104,11 +105,12 @@ fn write_from_snapshot(
     store: &Store,
     cluster_id: u64,
     member_id: u64,
-    keys: Vec<BackupKey>,
+    keys: impl FnOnce() -> Result<Vec<BackupKey>>,
     path: &Path,
     snap: &Path,
 ) -> Result<BackupHeader> {
     let facts = snapshot::build(store, snap)?;
+    let keys = keys()?;
     let header = BackupHeader {
         format: FORMAT,
         cluster_id,
@@ -187,6 +189,16 @@ pub fn verify(path: &Path) -> Result<VerifiedBackup> {
     hash.update(&json);
     let header: BackupHeader =
         serde_json::from_slice(&json).map_err(|e| bad(format!("its header: {e}")))?;
+    if header.revision < 1
+        || header.compact_revision < 0
+        || header.compact_revision > header.revision
+        || header.revision > i64::MAX / 2
+    {
+        return Err(bad(format!(
+            "its header names impossible revisions ({} compacted at {})",
+            header.revision, header.compact_revision
+        )));
+    }
     if header.format != FORMAT {
         return Err(bad(format!(
             "format {} (this raftkv reads format {FORMAT})",
@@ -267,7 +279,7 @@ mod tests {
             id: 1,
             fingerprint: "00".repeat(16),
         }];
-        let h = write(&store, 7, 1, keys, &path).unwrap();
+        let h = write(&store, 7, 1, || Ok(keys), &path).unwrap();
         assert_eq!(h.cluster_id, 7);
         (store, path)
     }

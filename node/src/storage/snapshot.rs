@@ -63,9 +63,9 @@ impl SnapshotFacts {
     }
 }
 
-/// Longest key or value a snapshot record may have: far above any request's, and low enough
-/// that a corrupt length cannot make a reader allocate gigabytes.
-const MAX_RECORD_BYTES: usize = 256 << 20;
+/// Longest key or value a snapshot record may have: far above any request's (1.5 MiB by
+/// default), and low enough that a corrupt length cannot make a reader allocate much.
+const MAX_RECORD_BYTES: usize = 32 << 20;
 
 struct CrcWriter<W: Write> {
     inner: W,
@@ -88,9 +88,13 @@ impl<W: Write> Write for CrcWriter<W> {
 /// Writes the state machine as of now into `path`. The write-ahead log is synced first, so the
 /// state captured is durable before Raft purges the log entries it covers.
 pub fn build(store: &Store, path: &Path) -> Result<SnapshotFacts> {
-    // Shared with readers, exclusive with installs: never snapshot a half-installed state.
-    let _gate = store.read_gate();
-    let snap = store.db().snapshot();
+    // Shared with readers, exclusive with installs: never snapshot a half-installed state. Only
+    // taking the RocksDB snapshot needs it (what it sees stays fixed); holding it through the
+    // file write would make a waiting install block every read for as long as a backup takes.
+    let snap = {
+        let _gate = store.read_gate();
+        store.db().snapshot()
+    };
     write_file(
         store.db(),
         |name| store.cf(name),
