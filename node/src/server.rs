@@ -592,14 +592,18 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
         }
     }
 
-    tokio::select! {
-        _ = wait_for_signal() => {}
-        _ = consensus.removed() => {}
-    }
+    let removed = tokio::select! {
+        _ = wait_for_signal() => false,
+        _ = consensus.removed() => true,
+    };
     tracing::info!(member = my_id, "shutting down");
     // As etcd: hand leadership over first, so that the others do not wait out an election
     // timeout, then end long-lived streams so their clients move to another member at once.
-    consensus.step_down(args.election_timeout() * 2).await;
+    // A removed leader hands nothing over: the remaining voters no longer count it, and a
+    // transfer from outside the configuration stalled the member it named.
+    if !removed {
+        consensus.step_down(args.election_timeout() * 2).await;
+    }
     api.stopping.send_replace(true);
     shutdown.notify_waiters();
     consensus.shutdown().await;
