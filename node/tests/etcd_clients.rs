@@ -65,64 +65,17 @@ fn stock_go_clients_work_against_raftkv() {
 
 #[test]
 fn the_same_go_tests_pass_against_etcd() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut children = Vec::new();
-    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-    let initial: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (_, p))| format!("e{i}=http://127.0.0.1:{p}"))
-        .collect();
-    for (i, (c, p)) in ports.iter().enumerate() {
-        let log = std::fs::File::create(dir.path().join(format!("etcd{i}.log"))).unwrap();
-        children.push(
-            Command::new("etcd-3.6")
-                .args(["--name", &format!("e{i}")])
-                .arg("--data-dir")
-                .arg(dir.path().join(format!("e{i}")))
-                .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
-                .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
-                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{p}")])
-                .args([
-                    "--initial-advertise-peer-urls",
-                    &format!("http://127.0.0.1:{p}"),
-                ])
-                .args(["--initial-cluster", &initial.join(",")])
-                .args(["--initial-cluster-state", "new"])
-                .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect(
-                    "etcd-3.6 is built by `bash e2e/cluster.sh build` (scripts/test.sh runs it)",
-                ),
-        );
-    }
-    let endpoints: Vec<String> = ports
-        .iter()
-        .map(|(c, _)| format!("127.0.0.1:{c}"))
-        .collect();
-    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &endpoints.join(","), "endpoint", "health"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-    {
-        assert!(std::time::Instant::now() < deadline, "etcd did not start");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    let etcd = Etcd::start(
+        "etcd-3.6",
+        3,
+        &["--heartbeat-interval", "50", "--election-timeout", "500"],
+    );
+    let (endpoints, pids) = (etcd.endpoints.clone(), etcd.pids());
     let out = go_test(&endpoints, None, &pids, "");
     for line in out
         .lines()
         .filter(|l| l.contains("---") || l.contains("ended"))
     {
         println!("{line}");
-    }
-    for mut c in children {
-        let _ = c.kill();
-        let _ = c.wait();
     }
 }

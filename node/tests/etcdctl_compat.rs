@@ -3,23 +3,7 @@
 //! outputs must match once member ids, URLs, names and timings are set aside.
 
 use raftkv_testkit::*;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-struct Etcd {
-    _dir: tempfile::TempDir,
-    children: Vec<Child>,
-    pub endpoints: Vec<String>,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use std::process::{Command, Stdio};
 
 fn have(bin: &str) -> bool {
     Command::new("sh")
@@ -27,63 +11,6 @@ fn have(bin: &str) -> bool {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
-}
-
-fn start_etcd(n: usize) -> Etcd {
-    let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
-    let initial: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (_, p))| format!("e{i}=http://127.0.0.1:{p}"))
-        .collect();
-    let mut children = Vec::new();
-    for (i, (c, p)) in ports.iter().enumerate() {
-        let log = std::fs::File::create(dir.path().join(format!("etcd{i}.log"))).unwrap();
-        children.push(
-            Command::new("etcd")
-                .args(["--name", &format!("e{i}")])
-                .arg("--data-dir")
-                .arg(dir.path().join(format!("e{i}")))
-                .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
-                .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
-                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{p}")])
-                .args([
-                    "--initial-advertise-peer-urls",
-                    &format!("http://127.0.0.1:{p}"),
-                ])
-                .args(["--initial-cluster", &initial.join(",")])
-                .args(["--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", "compat"])
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect("start etcd"),
-        );
-    }
-    let endpoints: Vec<String> = ports
-        .iter()
-        .map(|(c, _)| format!("127.0.0.1:{c}"))
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ok = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &endpoints.join(","), "endpoint", "health"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if ok {
-            break;
-        }
-        assert!(Instant::now() < deadline, "etcd did not become healthy");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Etcd {
-        _dir: dir,
-        children,
-        endpoints,
-    }
 }
 
 /// Runs etcdctl with `args` (and `stdin`), returning stdout (stderr on failure, marked).
@@ -198,7 +125,7 @@ fn etcdctl_output_matches_real_etcd() {
             "etcd and etcdctl are required (Debian packages etcd-server and etcd-client; .ci/run installs them)"
         );
     }
-    let etcd = start_etcd(3);
+    let etcd = Etcd::start("etcd", 3, &["--initial-cluster-token", "compat"]);
     let c = Cluster::start(Options::default());
     let raftkv_eps: Vec<String> = (0..3)
         .map(|i| format!("127.0.0.1:{}", c.members[i].ports.client))

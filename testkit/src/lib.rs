@@ -811,3 +811,92 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A real etcd cluster on loopback (no auth, plaintext), for comparisons; stopped on drop.
+pub struct Etcd {
+    _dir: tempfile::TempDir,
+    children: Vec<Child>,
+    pub endpoints: Vec<String>,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Etcd {
+    /// Starts `n` members of the etcd at `binary` with `extra` flags each, and waits until
+    /// `etcdctl endpoint health` passes.
+    pub fn start(binary: &str, n: usize, extra: &[&str]) -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("e{i}=http://127.0.0.1:{p}"))
+            .collect();
+        let mut children = Vec::new();
+        for (i, (c, p)) in ports.iter().enumerate() {
+            let log = std::fs::File::create(dir.path().join(format!("etcd{i}.log"))).unwrap();
+            children.push(
+                Command::new(binary)
+                    .args(["--name", &format!("e{i}")])
+                    .arg("--data-dir")
+                    .arg(dir.path().join(format!("e{i}")))
+                    .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
+                    .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
+                    .args(["--listen-peer-urls", &format!("http://127.0.0.1:{p}")])
+                    .args([
+                        "--initial-advertise-peer-urls",
+                        &format!("http://127.0.0.1:{p}"),
+                    ])
+                    .args(["--initial-cluster", &initial.join(",")])
+                    .args(["--initial-cluster-state", "new"])
+                    .args(extra)
+                    .stdout(log.try_clone().unwrap())
+                    .stderr(log)
+                    .spawn()
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "start {binary} (etcd-3.6 is built by `bash e2e/cluster.sh build`): {e}"
+                        )
+                    }),
+            );
+        }
+        let endpoints: Vec<String> = ports
+            .iter()
+            .map(|(c, _)| format!("127.0.0.1:{c}"))
+            .collect();
+        let etcd = Etcd {
+            _dir: dir,
+            children,
+            endpoints,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &etcd.endpoints.join(","),
+                "endpoint",
+                "health",
+            ])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
+            assert!(Instant::now() < deadline, "etcd did not become healthy");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        etcd
+    }
+
+    /// The members' process ids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(|c| c.id()).collect()
+    }
+}
