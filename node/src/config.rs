@@ -66,6 +66,16 @@ pub struct ServeArgs {
     )]
     pub initial_cluster_state: ClusterState,
 
+    /// Seed this member from a backup at this HTTP(S) URL (a presigned S3 URL, say) when it
+    /// forms a new cluster with an empty data directory; ignored otherwise. Every first member
+    /// of the cluster must get the same backup.
+    #[arg(long, env = "RAFTKV_RESTORE_FROM_URL", hide_env_values = true)]
+    pub restore_from_url: Option<String>,
+
+    /// The SHA-256 (hex) the backup at --restore-from-url must have.
+    #[arg(long, env = "RAFTKV_RESTORE_SHA256")]
+    pub restore_sha256: Option<String>,
+
     /// Names the cluster; members of one cluster share it, and a data directory of another
     /// cluster is refused.
     #[arg(long, env = "RAFTKV_CLUSTER_TOKEN", default_value = "raftkv")]

@@ -153,3 +153,143 @@ fn check_keys(
     }
     Ok(())
 }
+
+/// How long a download may go without a byte before it is given up.
+const DOWNLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `raftkv serve --restore-from-url`: a member of a new cluster whose data directory is still
+/// empty downloads the backup (an HTTP(S) URL, such as the presigned S3 URL the operator
+/// gives), checks it against `sha256` when given, and restores it before serving. A member
+/// that already has data, or joins an existing cluster, ignores it: the backup only seeds a
+/// cluster's first members.
+pub async fn restore_from_url_if_new(
+    url: &str,
+    sha256: Option<&str>,
+    args: &RestoreArgs,
+    forming: bool,
+) -> Result<Option<BackupHeader>, NodeError> {
+    let has_data = std::fs::read_dir(&args.data_dir).is_ok_and(|mut d| d.next().is_some());
+    if has_data || !forming {
+        tracing::info!(
+            has_data,
+            forming,
+            "not restoring from the backup URL: it only seeds the empty members of a new cluster"
+        );
+        return Ok(None);
+    }
+    let parent = args
+        .data_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&parent).map_err(|e| io(&parent, e))?;
+    let file = parent.join(format!(".restore-download-{:016x}", rand::random::<u64>()));
+    let result = async {
+        let started = std::time::Instant::now();
+        let (bytes, digest) = download(url, &file).await?;
+        if let Some(want) = sha256
+            && !want.eq_ignore_ascii_case(&digest)
+        {
+            return Err(NodeError::Config(format!(
+                "the downloaded backup's SHA-256 is {digest}, not the {want} expected: refusing it"
+            )));
+        }
+        tracing::info!(
+            bytes,
+            sha256 = %digest,
+            seconds = started.elapsed().as_secs_f64(),
+            "downloaded the backup; restoring"
+        );
+        let restore = RestoreArgs {
+            from: file.clone(),
+            ..args.clone()
+        };
+        tokio::task::spawn_blocking(move || run(&restore))
+            .await
+            .map_err(|e| NodeError::Config(format!("the restore task: {e}")))?
+    }
+    .await;
+    let _ = std::fs::remove_file(&file);
+    let header = result?;
+    tracing::info!(
+        revision = header.revision,
+        source_cluster = format!("{:x}", header.cluster_id),
+        "restored this member from the backup"
+    );
+    Ok(Some(header))
+}
+
+/// Streams `url` into `file` (owner-only), returning its size and hex SHA-256.
+async fn download(url: &str, file: &std::path::Path) -> Result<(u64, String), NodeError> {
+    use http_body_util::BodyExt;
+    use sha2::Digest;
+    use tokio::io::AsyncWriteExt;
+    let bad = |why: String| {
+        // The query of a presigned URL is a credential: it stays out of messages.
+        let shown = url.split('?').next().unwrap_or_default();
+        NodeError::Config(format!("downloading the backup from {shown}: {why}"))
+    };
+    let uri: http::Uri = url.parse().map_err(|_| bad("not a URL".into()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector);
+    let req = http::Request::get(uri)
+        .body(http_body_util::Empty::new())
+        .map_err(|e| bad(e.to_string()))?;
+    let resp = tokio::time::timeout(DOWNLOAD_IDLE, client.request(req))
+        .await
+        .map_err(|_| bad(format!("no answer within {DOWNLOAD_IDLE:?}")))?
+        .map_err(|e| bad(e.to_string()))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body = tokio::time::timeout(
+            DOWNLOAD_IDLE,
+            http_body_util::Limited::new(resp.into_body(), 4096).collect(),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+        return Err(bad(format!("{status}: {}", body.trim())));
+    }
+    let mut open = tokio::fs::OpenOptions::new();
+    open.write(true).create_new(true);
+    #[cfg(unix)]
+    open.mode(0o600);
+    let mut out = open.open(file).await.map_err(|e| io(file, e))?;
+    let mut body = resp.into_body();
+    let mut hash = sha2::Sha256::new();
+    let mut bytes = 0u64;
+    loop {
+        let frame = tokio::time::timeout(DOWNLOAD_IDLE, body.frame())
+            .await
+            .map_err(|_| bad(format!("stalled for {DOWNLOAD_IDLE:?}")))?;
+        let Some(frame) = frame else { break };
+        let frame = frame.map_err(|e| bad(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            hash.update(&data);
+            bytes += data.len() as u64;
+            out.write_all(&data).await.map_err(|e| io(file, e))?;
+        }
+    }
+    out.sync_all().await.map_err(|e| io(file, e))?;
+    Ok((bytes, hex::encode(hash.finalize())))
+}

@@ -198,6 +198,22 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
                 .into(),
         ));
     }
+    if let Some(url) = &args.restore_from_url {
+        let restore = crate::restore::RestoreArgs {
+            from: std::path::PathBuf::new(),
+            data_dir: args.data_dir.clone(),
+            id: my_id,
+            cluster_token: args.cluster_token.clone(),
+            encryption_keyring_file: args.encryption_keyring_file.clone(),
+        };
+        crate::restore::restore_from_url_if_new(
+            url,
+            args.restore_sha256.as_deref(),
+            &restore,
+            args.initial_cluster_state == ClusterState::New,
+        )
+        .await?;
+    }
     private_files(&args.data_dir);
     let data = DataDir::claim(&args.data_dir, &args.cluster_token, my_id)?;
     let cluster_id = data.identity.cluster_id;
