@@ -2,7 +2,7 @@
 //! server-side apply, takes the one next step the planner allows, and reports it all in the
 //! status, its conditions and Events.
 
-use crate::crd::{JwtAlgorithm, KVCluster, KVClusterStatus, MemberStatus};
+use crate::crd::{JwtAlgorithm, KVCluster, KVClusterBackup, KVClusterStatus, MemberStatus};
 use crate::metrics::Metrics;
 use crate::plan::{self, MemberView, Observed, PodView, RaftView, Step, id_of, ordinal_of};
 use crate::raft::{self, Cluster, Report, SigningKey};
@@ -114,8 +114,10 @@ pub async fn run(
             None => Api::all(client.clone()),
         }
     }
+    let shutdown = futures::FutureExt::shared(shutdown);
+    let backups = crate::backup::run(ctx.clone(), namespace.clone(), shutdown.clone());
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=raftkv-operator");
-    Controller::new(
+    let clusters = Controller::new(
         api::<KVCluster>(&client, &namespace),
         watcher::Config::default(),
     )
@@ -125,6 +127,15 @@ pub async fn run(
         let cluster = pod.labels().get("app.kubernetes.io/instance")?.clone();
         Some(ObjectRef::<KVCluster>::new(&cluster).within(&pod.namespace()?))
     })
+    // A backup that finishes updates the schedule's status and may put an older one past
+    // retention.
+    .watches(
+        api::<KVClusterBackup>(&client, &namespace),
+        watcher::Config::default(),
+        |b: KVClusterBackup| {
+            Some(ObjectRef::<KVCluster>::new(&b.spec.cluster).within(&b.namespace()?))
+        },
+    )
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)
     .for_each(|res| async move {
@@ -132,8 +143,8 @@ pub async fn run(
             Ok((obj, action)) => tracing::debug!(cluster = %obj, ?action, "reconciled"),
             Err(e) => tracing::debug!(error = %e, "reconcile loop"),
         }
-    })
-    .await;
+    });
+    futures::join!(clusters, backups);
 }
 
 fn key(kvc: &KVCluster) -> String {
@@ -287,6 +298,14 @@ where
     }
 }
 
+/// A connection to a cluster's running members, as the reconciler makes it (the operator's
+/// root token, the client TLS the spec names); `None` when no member runs.
+pub(crate) async fn connect_cluster(kvc: &KVCluster, ctx: &Context) -> Result<Option<Cluster>> {
+    let r = Reconciler::new(kvc, ctx);
+    let pods = r.pods().await?;
+    r.connect(&pods).await
+}
+
 /// One reconcile of one cluster.
 struct Reconciler<'a> {
     kvc: &'a KVCluster,
@@ -328,6 +347,9 @@ impl<'a> Reconciler<'a> {
         }
 
         self.ensure_secrets().await?;
+        if !status.bootstrapped {
+            self.ensure_restore_source().await?;
+        }
         self.apply_objects(status.bootstrapped).await?;
 
         let sts_api: Api<StatefulSet> = self.api();
@@ -362,14 +384,32 @@ impl<'a> Reconciler<'a> {
             &volumes,
             &step,
         );
+        // Backups are the schedule's business: a bucket that is down shows in the
+        // BackupScheduled condition, and never stops the cluster's own reconcile.
+        let backup_due = match crate::backup::schedule(kvc, self.ctx, &mut status).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(cluster = %key(kvc), error = %e, "backup schedule");
+                set_condition(
+                    &mut status,
+                    "BackupScheduled",
+                    false,
+                    e.kind(),
+                    &e.to_string(),
+                    generation,
+                );
+                Some(Duration::from_secs(30))
+            }
+        };
         patch_status(&self.ctx.client, kvc, &status).await?;
-        Ok(match step {
-            Step::Converged => Action::requeue(Duration::from_secs(60)),
-            Step::Degraded(_) => Action::requeue(Duration::from_secs(10)),
-            Step::Refuse(_) => Action::requeue(Duration::from_secs(60)),
-            Step::Wait(_) => Action::requeue(Duration::from_secs(3)),
-            _ => Action::requeue(Duration::from_secs(1)),
-        })
+        let next = match step {
+            Step::Converged => Duration::from_secs(60),
+            Step::Degraded(_) => Duration::from_secs(10),
+            Step::Refuse(_) => Duration::from_secs(60),
+            Step::Wait(_) => Duration::from_secs(3),
+            _ => Duration::from_secs(1),
+        };
+        Ok(Action::requeue(backup_due.map_or(next, |d| d.min(next))))
     }
 
     async fn refuse(&self, mut status: KVClusterStatus, why: String) -> Result<Action> {
@@ -503,6 +543,58 @@ impl<'a> Reconciler<'a> {
     }
 
     /// Creates a generated Secret unless someone did first, with an Event saying so.
+    /// For `spec.restore`: the Secret with the download the first members make, written once
+    /// the backup is known to have succeeded. Until then nothing starts (an error, retried).
+    async fn ensure_restore_source(&self) -> Result<()> {
+        let Some(restore) = &self.kvc.spec.restore else {
+            return Ok(());
+        };
+        let secrets: Api<Secret> = self.api();
+        if secrets
+            .get_opt(&self.names.restore_secret())
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let backups: Api<KVClusterBackup> = self.api();
+        let not_ready =
+            |why: String| Error::Backup(format!("restore from {:?}: {why}", restore.backup));
+        let b = backups
+            .get_opt(&restore.backup)
+            .await?
+            .ok_or_else(|| not_ready("no such KVClusterBackup in this namespace".into()))?;
+        let st = b.status.clone().unwrap_or_default();
+        if st.phase.as_deref() != Some("Succeeded") {
+            return Err(not_ready(format!(
+                "the backup is {}, not Succeeded",
+                st.phase.as_deref().unwrap_or("Pending")
+            )));
+        }
+        let sha256 = st
+            .sha256
+            .clone()
+            .ok_or_else(|| not_ready("the backup records no SHA-256".into()))?;
+        let bucket = crate::backup::open_bucket(&self.ctx.client, &self.ns, &b.spec.destination)
+            .await
+            .map_err(not_ready)?;
+        let key = crate::backup::object_key(
+            &b.spec.destination,
+            &self.ns,
+            &b.spec.cluster,
+            &b.name_any(),
+        );
+        // S3's longest: a cluster that has not formed within a week needs re-creating.
+        let url = bucket.presign_get(&key, Duration::from_secs(7 * 24 * 3600));
+        let secret = secrets::restore(self.kvc, url, sha256);
+        self.create_secret(
+            &secrets,
+            &secret,
+            &format!(" to restore from backup {}", restore.backup),
+        )
+        .await
+    }
+
     async fn create_secret(&self, api: &Api<Secret>, s: &Secret, what: &str) -> Result<()> {
         let name = s.metadata.name.clone().unwrap_or_default();
         match api.create(&PostParams::default(), s).await {

@@ -95,6 +95,23 @@ pub struct KVClusterSpec {
 
     #[serde(default)]
     pub raft: RaftSpec,
+    /// Scheduled backups to an S3 bucket, with retention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupScheduleSpec>,
+    /// Form the cluster from a backup instead of empty. Read only while the cluster forms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("restore cannot change once set"))]
+    pub restore: Option<RestoreSpec>,
+}
+
+/// Where a new cluster's first members take their data from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreSpec {
+    /// A KVClusterBackup in this namespace that Succeeded. The keyring must hold the keys the
+    /// backup's values are sealed with: set `encryption.keyringSecretName` to the source
+    /// cluster's keyring Secret.
+    pub backup: String,
 }
 
 fn default_image() -> String {
@@ -294,6 +311,138 @@ impl Default for RaftSpec {
     }
 }
 
+/// Backups taken on a schedule: each one is a `KVClusterBackup` the operator creates, keeping
+/// the newest `keep` that succeeded (older ones, and their objects, are deleted).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupScheduleSpec {
+    /// When, in cron syntax (five fields, UTC), e.g. `0 */6 * * *`, or `@hourly`, `@daily`.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("schedule must be set"))]
+    pub schedule: String,
+    /// How many successful scheduled backups to keep.
+    #[serde(default = "default_keep")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000").message("keep must be between 1 and 1000"))]
+    pub keep: i32,
+    /// Take no new scheduled backups (the ones kept stay).
+    #[serde(default)]
+    pub suspend: bool,
+    pub destination: BackupDestination,
+}
+
+fn default_keep() -> i32 {
+    7
+}
+
+/// Where a backup goes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupDestination {
+    pub s3: S3Destination,
+}
+
+/// An S3 bucket (AWS, or any server speaking the S3 API).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Destination {
+    /// The S3 endpoint, e.g. `https://s3.eu-west-1.amazonaws.com` or `http://minio.backups:9000`.
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("endpoint must be an http:// or https:// URL"))]
+    pub endpoint: String,
+    pub bucket: String,
+    /// Objects are named `<prefix><namespace>/<cluster>/<backup>.rkvbackup`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Address the bucket as `<endpoint>/<bucket>` (most S3-compatible servers) rather than
+    /// `<bucket>.<endpoint host>` (AWS's preferred form).
+    #[serde(default = "yes")]
+    pub path_style: bool,
+    /// Secret with the keys `accessKeyId` and `secretAccessKey`.
+    pub credentials_secret_name: String,
+    /// Secret with `ca.crt` to trust for an endpoint with a private CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_name: Option<String>,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+/// What the schedule has done.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupScheduleStatus {
+    /// When the last scheduled backup was due (and created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<String>,
+    /// The newest scheduled backup that succeeded, and when it completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_backup: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_schedule_time: Option<String>,
+}
+
+/// One backup of a KVCluster, taken once: the whole keyspace at one revision (with users,
+/// roles and leases), streamed from a member through the public API into an S3 object and
+/// checked against its SHA-256 on the way.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "raftkv.io",
+    version = "v1alpha1",
+    kind = "KVClusterBackup",
+    plural = "kvclusterbackups",
+    shortname = "kvcb",
+    namespaced,
+    status = "KVClusterBackupStatus",
+    printcolumn(name = "Cluster", type_ = "string", json_path = ".spec.cluster"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Revision", type_ = "integer", json_path = ".status.revision"),
+    printcolumn(name = "Size", type_ = "integer", json_path = ".status.sizeBytes"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    doc = "A backup of a raftkv cluster"
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self == oldSelf").message("a backup's spec cannot change; create another backup"))]
+pub struct KVClusterBackupSpec {
+    /// The KVCluster (in the same namespace) to back up.
+    pub cluster: String,
+    pub destination: BackupDestination,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KVClusterBackupStatus {
+    /// Pending, Running, Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Where the backup is, `s3://<bucket>/<key>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// The store revision the backup holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<i64>,
+    /// SHA-256 of the whole object, as verified while it was uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<String>,
+    /// Failed attempts so far (a backup is retried a few times with backoff).
+    #[serde(default)]
+    pub attempts: i32,
+}
+
 /// One member as the operator last saw it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -339,6 +488,9 @@ pub struct KVClusterStatus {
     /// Set once the cluster has formed: new members then join an existing cluster.
     #[serde(default)]
     pub bootstrapped: bool,
+    /// What the backup schedule has done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupScheduleStatus>,
 }
 
 /// The CRD as YAML (what `raftkv-operator crd` prints and `crds/` holds). Helm keeps it on
@@ -346,9 +498,18 @@ pub struct KVClusterStatus {
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     use kube::CustomResourceExt;
     let mut crd = KVCluster::crd();
-    crd.metadata.annotations = Some(BTreeMap::from([(
-        "helm.sh/resource-policy".to_string(),
-        "keep".to_string(),
-    )]));
+    crd.metadata.annotations = Some(keep_on_uninstall());
     serde_yaml::to_string(&crd)
+}
+
+/// The KVClusterBackup CRD as YAML (`raftkv-operator crd --backup`, and `crds/`).
+pub fn backup_crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    let mut crd = KVClusterBackup::crd();
+    crd.metadata.annotations = Some(keep_on_uninstall());
+    serde_yaml::to_string(&crd)
+}
+
+fn keep_on_uninstall() -> BTreeMap<String, String> {
+    BTreeMap::from([("helm.sh/resource-policy".to_string(), "keep".to_string())])
 }

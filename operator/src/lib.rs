@@ -1,13 +1,16 @@
 //! raftkv-operator: turns `KVCluster` resources into running raftkv clusters and changes them
 //! (scaling, upgrades, member replacement) without losing quorum or data.
 
+pub mod backup;
 pub mod controller;
 pub mod crd;
+pub mod cron;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod raft;
 pub mod resources;
+pub mod s3;
 pub mod telemetry;
 
 /// Everything a reconcile can fail with.
@@ -21,6 +24,8 @@ pub enum Error {
     Secret { name: String, reason: String },
     #[error("signing the operator's token: {0}")]
     Token(String),
+    #[error("backup: {0}")]
+    Backup(String),
     #[error("encoding {what}: {source}")]
     Encode {
         what: &'static str,
@@ -37,6 +42,7 @@ impl Error {
             Error::Secret { .. } => "SecretError",
             Error::Token(_) => "TokenError",
             Error::Encode { .. } => "EncodeError",
+            Error::Backup(_) => "BackupError",
         }
     }
 }

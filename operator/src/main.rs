@@ -28,8 +28,12 @@ struct Cli {
 enum Cmd {
     /// Reconcile KVCluster resources (the default).
     Run(RunArgs),
-    /// Print the KVCluster CustomResourceDefinition as YAML.
-    Crd,
+    /// Print a CustomResourceDefinition as YAML (KVCluster, or KVClusterBackup with
+    /// `--backup`).
+    Crd {
+        #[arg(long)]
+        backup: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -68,8 +72,13 @@ struct RunArgs {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Some(Cmd::Crd) => {
-            print!("{}", crd::crd_yaml().context("rendering the CRD")?);
+        Some(Cmd::Crd { backup }) => {
+            let yaml = if backup {
+                crd::backup_crd_yaml()
+            } else {
+                crd::crd_yaml()
+            };
+            print!("{}", yaml.context("rendering the CRD")?);
             Ok(())
         }
         Some(Cmd::Run(args)) => run(args).await,

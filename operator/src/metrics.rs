@@ -1,7 +1,9 @@
 //! The operator's own Prometheus metrics: reconciles by result, their duration, failures by
 //! kind, and the steps taken on clusters.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -11,6 +13,11 @@ pub struct Metrics {
     pub duration: HistogramVec,
     pub steps: IntCounterVec,
     pub leader: IntGauge,
+    pub backups: IntCounterVec,
+    pub backup_duration: Histogram,
+    pub backup_last_success: GaugeVec,
+    pub backup_last_size: GaugeVec,
+    pub backup_interval: GaugeVec,
 }
 
 impl Metrics {
@@ -49,6 +56,46 @@ impl Metrics {
             "raftkv_operator_is_leader",
             "1 while this replica holds the leader-election lease.",
         )?;
+        let backups = IntCounterVec::new(
+            Opts::new(
+                "raftkv_operator_backups_total",
+                "Backup attempts, by result (succeeded or failed).",
+            ),
+            &["result"],
+        )?;
+        let backup_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "raftkv_operator_backup_duration_seconds",
+                "How long a successful backup took, from the first byte to the completed object.",
+            )
+            .buckets(vec![1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 10800.0]),
+        )?;
+        let backup_last_success = GaugeVec::new(
+            Opts::new(
+                "raftkv_operator_backup_last_success_timestamp_seconds",
+                "When a cluster's newest successful backup completed (Unix time).",
+            ),
+            &["namespace", "cluster"],
+        )?;
+        let backup_last_size = GaugeVec::new(
+            Opts::new(
+                "raftkv_operator_backup_last_size_bytes",
+                "Size of a cluster's newest successful backup.",
+            ),
+            &["namespace", "cluster"],
+        )?;
+        let backup_interval = GaugeVec::new(
+            Opts::new(
+                "raftkv_operator_backup_interval_seconds",
+                "Time between a cluster's scheduled backups (for alerting on stale ones).",
+            ),
+            &["namespace", "cluster"],
+        )?;
+        registry.register(Box::new(backups.clone()))?;
+        registry.register(Box::new(backup_duration.clone()))?;
+        registry.register(Box::new(backup_last_success.clone()))?;
+        registry.register(Box::new(backup_last_size.clone()))?;
+        registry.register(Box::new(backup_interval.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(failures.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -65,6 +112,11 @@ impl Metrics {
             duration,
             steps,
             leader,
+            backups,
+            backup_duration,
+            backup_last_success,
+            backup_last_size,
+            backup_interval,
         })
     }
 

@@ -77,6 +77,11 @@ impl Cluster {
         })
     }
 
+    /// The client, for what the operator does beyond membership (backups).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// Asks every member for its status and the leader for the membership.
     pub async fn report(&self) -> Result<Report> {
         let mut report = Report::default();

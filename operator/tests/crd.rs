@@ -12,16 +12,25 @@ fn repo() -> PathBuf {
 
 #[test]
 fn committed_crds_match_the_operator_types() {
-    let generated = raftkv_operator::crd::crd_yaml().expect("render CRD");
-    for file in [
-        "crds/kvclusters.raftkv.io.yaml",
-        "charts/raftkv-operator/files/crds/kvclusters.raftkv.io.yaml",
+    let kvcluster = raftkv_operator::crd::crd_yaml().expect("render CRD");
+    let backup = raftkv_operator::crd::backup_crd_yaml().expect("render CRD");
+    for (file, generated) in [
+        ("crds/kvclusters.raftkv.io.yaml", &kvcluster),
+        (
+            "charts/raftkv-operator/files/crds/kvclusters.raftkv.io.yaml",
+            &kvcluster,
+        ),
+        ("crds/kvclusterbackups.raftkv.io.yaml", &backup),
+        (
+            "charts/raftkv-operator/files/crds/kvclusterbackups.raftkv.io.yaml",
+            &backup,
+        ),
     ] {
         let committed =
             std::fs::read_to_string(repo().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert!(
-            committed == generated,
-            "{file} is out of date with the KVCluster types: run scripts/gen-crds.sh"
+            &committed == generated,
+            "{file} is out of date with the operator's types: run scripts/gen-crds.sh"
         );
     }
 }

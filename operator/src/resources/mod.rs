@@ -53,6 +53,10 @@ impl Names {
     pub fn root_secret(&self) -> String {
         format!("{}-root", self.cluster)
     }
+    /// Where the first members download the backup they restore (`spec.restore`).
+    pub fn restore_secret(&self) -> String {
+        format!("{}-restore", self.cluster)
+    }
     /// The generated peer CA (certificate and key; mounted nowhere).
     pub fn peer_ca_secret(&self) -> String {
         format!("{}-peer-ca", self.cluster)

@@ -171,6 +171,22 @@ pub fn root_password(kvc: &KVCluster) -> Secret {
     s
 }
 
+/// Keys of the restore Secret: a presigned URL of the backup, and its SHA-256.
+pub const RESTORE_URL_KEY: &str = "url";
+pub const RESTORE_SHA256_KEY: &str = "sha256";
+
+/// The download the first members of a restored cluster make.
+pub fn restore(kvc: &KVCluster, url: String, sha256: String) -> Secret {
+    secret(
+        kvc,
+        Names::of(kvc).restore_secret(),
+        BTreeMap::from([
+            (RESTORE_URL_KEY.to_string(), url),
+            (RESTORE_SHA256_KEY.to_string(), sha256),
+        ]),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -251,17 +251,38 @@ pub fn statefulset(kvc: &KVCluster, replicas: i32) -> StatefulSet {
         "--peer-trusted-ca-file".into(),
         format!("/etc/raftkv/peer-tls/{}", super::secrets::CA_CERT_KEY),
     ]);
+    let mut env = vec![
+        env_field("POD_NAME", "metadata.name"),
+        env_field("POD_NAMESPACE", "metadata.namespace"),
+        env_field("POD_IP", "status.podIP"),
+        env_field("RAFTKV_POD_NAME", "metadata.name"),
+    ];
+    // Members forming the cluster seed themselves from the backup; later ones ignore it.
+    if kvc.spec.restore.is_some() {
+        for (var, key) in [
+            ("RAFTKV_RESTORE_FROM_URL", super::secrets::RESTORE_URL_KEY),
+            ("RAFTKV_RESTORE_SHA256", super::secrets::RESTORE_SHA256_KEY),
+        ] {
+            env.push(EnvVar {
+                name: var.into(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: n.restore_secret(),
+                        key: key.into(),
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+    }
     let container = Container {
         name: "raftkv".into(),
         image: Some(image(kvc)),
         image_pull_policy: Some("IfNotPresent".into()),
         args: Some(args),
-        env: Some(vec![
-            env_field("POD_NAME", "metadata.name"),
-            env_field("POD_NAMESPACE", "metadata.namespace"),
-            env_field("POD_IP", "status.podIP"),
-            env_field("RAFTKV_POD_NAME", "metadata.name"),
-        ]),
+        env: Some(env),
         env_from: Some(vec![EnvFromSource {
             config_map_ref: Some(ConfigMapEnvSource {
                 name: n.config(),

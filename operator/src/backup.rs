@@ -1,0 +1,581 @@
+//! Backups: the `KVClusterBackup` controller, which streams one backup from a cluster through
+//! the public API (`Maintenance.Snapshot`) into an S3 object, checking it on the way; and the
+//! schedule a KVCluster's `spec.backup` asks for, which creates those objects when due and
+//! deletes the ones past retention (with their S3 objects).
+
+use crate::controller::{Context, MANAGER, connect_cluster};
+use crate::crd::{
+    BackupDestination, BackupScheduleStatus, KVCluster, KVClusterBackup, KVClusterBackupSpec,
+    KVClusterBackupStatus, KVClusterStatus,
+};
+use crate::cron::Schedule;
+use crate::s3::{self, Bucket};
+use crate::{Error, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use raftkv_client::backup::Verifier;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const CLUSTER_LABEL: &str = "raftkv.io/cluster";
+pub const SCHEDULED_LABEL: &str = "raftkv.io/scheduled";
+/// Attempts before a backup is marked Failed.
+const MAX_ATTEMPTS: i32 = 3;
+/// A controller that was away catches up on at most one missed run within this window.
+const CATCH_UP: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Runs the KVClusterBackup controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let api: Api<KVClusterBackup> = match &namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    Controller::new(api, watcher::Config::default())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "backup reconcile loop");
+            }
+        })
+        .await;
+}
+
+fn error_policy(b: Arc<KVClusterBackup>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(backup = %b.name_any(), error = %err, "backup reconcile failed");
+    Action::requeue(Duration::from_secs(30))
+}
+
+fn is_done(status: Option<&KVClusterBackupStatus>) -> bool {
+    matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+async fn reconcile(b: Arc<KVClusterBackup>, ctx: Arc<Context>) -> Result<Action> {
+    if is_done(b.status.as_ref()) || b.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let ns = b.namespace().unwrap_or_else(|| "default".into());
+    let mut status = b.status.clone().unwrap_or_default();
+    let clusters: Api<KVCluster> = Api::namespaced(ctx.client.clone(), &ns);
+    let waiting = match clusters.get_opt(&b.spec.cluster).await? {
+        None => Some(format!("KVCluster {:?} does not exist", b.spec.cluster)),
+        Some(kvc) if !kvc.status.as_ref().is_some_and(|s| s.bootstrapped) => {
+            Some(format!("KVCluster {:?} has not formed yet", b.spec.cluster))
+        }
+        Some(kvc) => {
+            return attempt(&b, &kvc, &ctx, status).await;
+        }
+    };
+    status.phase = Some("Pending".into());
+    status.message = waiting;
+    patch_backup_status(&ctx.client, &b, &status).await?;
+    Ok(Action::requeue(Duration::from_secs(15)))
+}
+
+/// One attempt at taking the backup; a failed attempt is retried with backoff, up to
+/// `MAX_ATTEMPTS`, then the backup is Failed.
+async fn attempt(
+    b: &KVClusterBackup,
+    kvc: &KVCluster,
+    ctx: &Context,
+    mut status: KVClusterBackupStatus,
+) -> Result<Action> {
+    let ns = b.namespace().unwrap_or_else(|| "default".into());
+    let key = object_key(&b.spec.destination, &ns, &b.spec.cluster, &b.name_any());
+    status.phase = Some("Running".into());
+    status.message = Some(format!(
+        "streaming to {}",
+        location(&b.spec.destination, &key)
+    ));
+    status.start_time = Some(Timestamp::now().to_string());
+    patch_backup_status(&ctx.client, b, &status).await?;
+    let started = Instant::now();
+    let labels = [ns.as_str(), b.spec.cluster.as_str()];
+    match take(b, kvc, ctx, &ns, &key).await {
+        Ok(done) => {
+            let secs = started.elapsed().as_secs_f64();
+            ctx.metrics.backups.with_label_values(&["succeeded"]).inc();
+            ctx.metrics.backup_duration.observe(secs);
+            ctx.metrics
+                .backup_last_success
+                .with_label_values(&labels)
+                .set(Timestamp::now().as_second() as f64);
+            ctx.metrics
+                .backup_last_size
+                .with_label_values(&labels)
+                .set(done.bytes as f64);
+            status.phase = Some("Succeeded".into());
+            status.message = Some(format!(
+                "{} bytes at revision {} in {secs:.1}s",
+                done.bytes, done.revision
+            ));
+            status.location = Some(done.location.clone());
+            status.revision = Some(done.revision);
+            status.size_bytes = Some(done.bytes as i64);
+            status.sha256 = Some(done.sha256);
+            status.completion_time = Some(Timestamp::now().to_string());
+            patch_backup_status(&ctx.client, b, &status).await?;
+            publish(
+                ctx,
+                b,
+                EventType::Normal,
+                "BackupSucceeded",
+                format!(
+                    "{} bytes at revision {} to {}",
+                    done.bytes, done.revision, done.location
+                ),
+            )
+            .await;
+            Ok(Action::await_change())
+        }
+        Err(why) => {
+            ctx.metrics.backups.with_label_values(&["failed"]).inc();
+            status.attempts += 1;
+            let last = status.attempts >= MAX_ATTEMPTS;
+            status.phase = Some(if last { "Failed" } else { "Pending" }.into());
+            status.message = Some(format!("attempt {}: {why}", status.attempts));
+            if last {
+                status.completion_time = Some(Timestamp::now().to_string());
+            }
+            patch_backup_status(&ctx.client, b, &status).await?;
+            publish(ctx, b, EventType::Warning, "BackupFailed", why.clone()).await;
+            tracing::warn!(backup = %b.name_any(), attempt = status.attempts, error = %why, "backup failed");
+            Ok(if last {
+                Action::await_change()
+            } else {
+                Action::requeue(Duration::from_secs(15 << status.attempts.min(6)))
+            })
+        }
+    }
+}
+
+struct Done {
+    location: String,
+    revision: i64,
+    bytes: u64,
+    sha256: String,
+}
+
+/// Streams the backup into the object, part by part, and completes the upload only once the
+/// stream verified whole; otherwise the upload is aborted and nothing is left under the key.
+async fn take(
+    b: &KVClusterBackup,
+    kvc: &KVCluster,
+    ctx: &Context,
+    ns: &str,
+    key: &str,
+) -> Result<Done, String> {
+    let bucket = open_bucket(&ctx.client, ns, &b.spec.destination).await?;
+    let cluster = connect_cluster(kvc, ctx)
+        .await
+        .map_err(|e| format!("connecting to the cluster: {e}"))?
+        .ok_or("the cluster has no running members")?;
+    let mut stream = cluster
+        .client()
+        .backup_stream()
+        .await
+        .map_err(|e| format!("starting the backup: {e}"))?;
+    let mut verifier = Verifier::new();
+    let mut part: Vec<u8> = Vec::with_capacity(s3::PART_SIZE);
+    let mut upload: Option<(String, Vec<String>)> = None;
+    let result = async {
+        loop {
+            let chunk = stream
+                .next_chunk()
+                .await
+                .map_err(|e| format!("reading the backup stream: {e}"))?;
+            let Some(chunk) = chunk else { break };
+            verifier
+                .update(&chunk)
+                .map_err(|e| format!("the stream is not a raftkv backup: {e}"))?;
+            part.extend_from_slice(&chunk);
+            while part.len() >= s3::PART_SIZE {
+                let rest = part.split_off(s3::PART_SIZE);
+                let body = Bytes::from(std::mem::replace(&mut part, rest));
+                upload_part(&bucket, key, &mut upload, body).await?;
+            }
+        }
+        let info = verifier
+            .finish()
+            .map_err(|e| format!("the backup stream ended early or damaged: {e}"))?;
+        if upload.is_none() {
+            bucket
+                .put_object(key, Bytes::from(std::mem::take(&mut part)))
+                .await
+                .map_err(|e| e.to_string())?;
+        } else {
+            if !part.is_empty() {
+                let body = Bytes::from(std::mem::take(&mut part));
+                upload_part(&bucket, key, &mut upload, body).await?;
+            }
+            if let Some((id, etags)) = &upload {
+                bucket
+                    .complete_multipart(key, id, etags)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok::<_, String>(info)
+    }
+    .await;
+    match result {
+        Ok(info) => Ok(Done {
+            location: bucket.location(key),
+            revision: info.revision,
+            bytes: info.bytes,
+            sha256: info.sha256,
+        }),
+        Err(why) => {
+            if let Some((id, _)) = &upload
+                && let Err(e) = bucket.abort_multipart(key, id).await
+            {
+                tracing::warn!(key, error = %e, "aborting the unfinished upload");
+            }
+            Err(why)
+        }
+    }
+}
+
+async fn upload_part(
+    bucket: &Bucket,
+    key: &str,
+    upload: &mut Option<(String, Vec<String>)>,
+    body: Bytes,
+) -> Result<(), String> {
+    if upload.is_none() {
+        let id = bucket
+            .create_multipart(key)
+            .await
+            .map_err(|e| e.to_string())?;
+        *upload = Some((id, Vec::new()));
+    }
+    let Some((id, etags)) = upload.as_mut() else {
+        return Err("no upload in progress".into());
+    };
+    if etags.len() >= s3::MAX_PARTS {
+        return Err(format!(
+            "the backup is larger than S3's {} parts of {} MiB",
+            s3::MAX_PARTS,
+            s3::PART_SIZE >> 20
+        ));
+    }
+    let etag = bucket
+        .upload_part(key, id, etags.len() + 1, body)
+        .await
+        .map_err(|e| e.to_string())?;
+    etags.push(etag);
+    Ok(())
+}
+
+/// `<prefix><namespace>/<cluster>/<backup>.rkvbackup`
+pub fn object_key(dest: &BackupDestination, ns: &str, cluster: &str, backup: &str) -> String {
+    format!("{}{ns}/{cluster}/{backup}.rkvbackup", dest.s3.prefix)
+}
+
+fn location(dest: &BackupDestination, key: &str) -> String {
+    format!("s3://{}/{key}", dest.s3.bucket)
+}
+
+/// The bucket a destination names, with credentials (and CA) from its Secrets.
+pub async fn open_bucket(
+    client: &kube::Client,
+    ns: &str,
+    dest: &BackupDestination,
+) -> Result<Bucket, String> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let s3 = &dest.s3;
+    let creds = secrets
+        .get(&s3.credentials_secret_name)
+        .await
+        .map_err(|e| {
+            format!(
+                "the credentials Secret {:?}: {e}",
+                s3.credentials_secret_name
+            )
+        })?;
+    let field = |s: &Secret, k: &str| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
+    };
+    let access = field(&creds, "accessKeyId").ok_or_else(|| {
+        format!(
+            "the Secret {:?} has no accessKeyId",
+            s3.credentials_secret_name
+        )
+    })?;
+    let secret = field(&creds, "secretAccessKey").ok_or_else(|| {
+        format!(
+            "the Secret {:?} has no secretAccessKey",
+            s3.credentials_secret_name
+        )
+    })?;
+    let ca = match &s3.ca_secret_name {
+        None => None,
+        Some(name) => {
+            let s = secrets
+                .get(name)
+                .await
+                .map_err(|e| format!("the CA Secret {name:?}: {e}"))?;
+            Some(
+                s.data
+                    .as_ref()
+                    .and_then(|d| d.get("ca.crt"))
+                    .map(|v| v.0.clone())
+                    .ok_or_else(|| format!("the Secret {name:?} has no ca.crt"))?,
+            )
+        }
+    };
+    Bucket::new(
+        &s3.endpoint,
+        &s3.bucket,
+        &s3.region,
+        s3.path_style,
+        &access,
+        &secret,
+        ca.as_deref(),
+    )
+    .map_err(|e| e.to_string())
+}
+
+async fn patch_backup_status(
+    client: &kube::Client,
+    b: &KVClusterBackup,
+    status: &KVClusterBackupStatus,
+) -> Result<()> {
+    let api: Api<KVClusterBackup> =
+        Api::namespaced(client.clone(), &b.namespace().unwrap_or_default());
+    let body = serde_json::json!({
+        "apiVersion": "raftkv.io/v1alpha1",
+        "kind": "KVClusterBackup",
+        "status": status,
+    });
+    api.patch_status(
+        &b.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn publish(ctx: &Context, b: &KVClusterBackup, type_: EventType, reason: &str, note: String) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Backup".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &b.object_ref(&())).await {
+        tracing::debug!(error = %e, "publishing an event");
+    }
+}
+
+/// The schedule's part of a KVCluster reconcile: creates the backup that is due, deletes the
+/// ones past retention, records it all in `status.backup`, and says how long until the next
+/// run is due.
+pub async fn schedule(
+    kvc: &KVCluster,
+    ctx: &Context,
+    status: &mut KVClusterStatus,
+) -> Result<Option<Duration>> {
+    let Some(spec) = &kvc.spec.backup else {
+        status.backup = None;
+        return Ok(None);
+    };
+    let ns = kvc.namespace().unwrap_or_else(|| "default".into());
+    let name = kvc.name_any();
+    let sched: Schedule = match spec.schedule.parse() {
+        Ok(s) => s,
+        Err(why) => {
+            crate::controller::set_condition(
+                status,
+                "BackupScheduled",
+                false,
+                "InvalidSchedule",
+                &why,
+                kvc.meta().generation,
+            );
+            return Ok(None);
+        }
+    };
+    let now = Timestamp::now();
+    let mut st = status.backup.clone().unwrap_or_default();
+    let created = kvc
+        .meta()
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or(now);
+    let floor = now.checked_sub(CATCH_UP).unwrap_or(now);
+    let anchor = st
+        .last_schedule_time
+        .as_deref()
+        .and_then(|t| t.parse::<Timestamp>().ok())
+        .unwrap_or(created)
+        .max(floor);
+    let api: Api<KVClusterBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    let formed = status.bootstrapped;
+    if formed
+        && !spec.suspend
+        && let Some(due) = sched.last_at_or_before(anchor, now)
+    {
+        let backup_name = format!("{name}-{}", due.strftime("%Y%m%d-%H%M"));
+        let backup = KVClusterBackup {
+            metadata: ObjectMeta {
+                name: Some(backup_name.clone()),
+                namespace: Some(ns.clone()),
+                labels: Some(BTreeMap::from([
+                    (CLUSTER_LABEL.to_string(), name.clone()),
+                    (SCHEDULED_LABEL.to_string(), "true".to_string()),
+                    (
+                        "app.kubernetes.io/managed-by".to_string(),
+                        MANAGER.to_string(),
+                    ),
+                ])),
+                ..Default::default()
+            },
+            spec: KVClusterBackupSpec {
+                cluster: name.clone(),
+                destination: spec.destination.clone(),
+            },
+            status: None,
+        };
+        api.patch(
+            &backup_name,
+            &PatchParams::apply(MANAGER),
+            &Patch::Apply(&backup),
+        )
+        .await?;
+        st.last_schedule_time = Some(due.to_string());
+        ctx.metrics
+            .steps
+            .with_label_values(&["ScheduleBackup"])
+            .inc();
+        tracing::info!(cluster = %name, backup = %backup_name, "scheduled a backup");
+    }
+    let next = if spec.suspend {
+        None
+    } else {
+        let from = st
+            .last_schedule_time
+            .as_deref()
+            .and_then(|t| t.parse::<Timestamp>().ok())
+            .map_or(now, |t| t.max(now));
+        sched.next_after(from)
+    };
+    st.next_schedule_time = next.map(|t| t.to_string());
+    if let Some(n) = next
+        && let Some(after) = sched.next_after(n)
+    {
+        let interval = after.duration_since(n).as_secs_f64();
+        ctx.metrics
+            .backup_interval
+            .with_label_values(&[ns.as_str(), name.as_str()])
+            .set(interval);
+    }
+    prune(&api, &ctx.client, &ns, &name, spec.keep, &mut st).await?;
+    if let Some(t) = st
+        .last_success_time
+        .as_deref()
+        .and_then(|t| t.parse::<Timestamp>().ok())
+    {
+        ctx.metrics
+            .backup_last_success
+            .with_label_values(&[ns.as_str(), name.as_str()])
+            .set(t.as_second() as f64);
+    }
+    crate::controller::set_condition(
+        status,
+        "BackupScheduled",
+        !spec.suspend,
+        if spec.suspend {
+            "Suspended"
+        } else {
+            "Scheduled"
+        },
+        &match &st.next_schedule_time {
+            Some(t) if formed => format!("next backup at {t}"),
+            Some(t) => format!("next backup at {t}, once the cluster has formed"),
+            None => "no backup is scheduled".into(),
+        },
+        kvc.meta().generation,
+    );
+    status.backup = Some(st);
+    Ok(next.map(|n| Duration::from_secs_f64(n.duration_since(now).as_secs_f64().max(1.0))))
+}
+
+/// Keeps the newest `keep` successful scheduled backups (and as many failed ones), deleting
+/// older ones with their objects; records the newest success.
+async fn prune(
+    api: &Api<KVClusterBackup>,
+    client: &kube::Client,
+    ns: &str,
+    cluster: &str,
+    keep: i32,
+    st: &mut BackupScheduleStatus,
+) -> Result<()> {
+    let lp =
+        ListParams::default().labels(&format!("{CLUSTER_LABEL}={cluster},{SCHEDULED_LABEL}=true"));
+    let mut all = api.list(&lp).await?.items;
+    // Names carry the due time: newest first.
+    all.sort_by_key(|b| std::cmp::Reverse(b.name_any()));
+    let phase = |b: &KVClusterBackup| {
+        b.status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default()
+    };
+    let succeeded: Vec<&KVClusterBackup> = all.iter().filter(|b| phase(b) == "Succeeded").collect();
+    let failed: Vec<&KVClusterBackup> = all.iter().filter(|b| phase(b) == "Failed").collect();
+    if let Some(newest) = succeeded.first() {
+        st.last_successful_backup = Some(newest.name_any());
+        st.last_success_time = newest
+            .status
+            .as_ref()
+            .and_then(|s| s.completion_time.clone());
+    }
+    let keep = keep.max(1) as usize;
+    for old in succeeded.iter().skip(keep).chain(failed.iter().skip(keep)) {
+        let old: &KVClusterBackup = old;
+        if phase(old) == "Succeeded" {
+            let key = object_key(
+                &old.spec.destination,
+                ns,
+                &old.spec.cluster,
+                &old.name_any(),
+            );
+            let bucket = open_bucket(client, ns, &old.spec.destination)
+                .await
+                .map_err(|why| Error::Backup(format!("pruning {}: {why}", old.name_any())))?;
+            bucket
+                .delete_object(&key)
+                .await
+                .map_err(|e| Error::Backup(format!("pruning {}: {e}", old.name_any())))?;
+        }
+        match api.delete(&old.name_any(), &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(cluster, backup = %old.name_any(), "deleted a backup past retention");
+    }
+    Ok(())
+}
