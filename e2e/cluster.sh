@@ -33,6 +33,7 @@ build() {
   (cd "$here/tools" && go build -ldflags "$ld" -o "$bin/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl)
   (cd "$here/tools/helm" && go build -o "$bin/" helm.sh/helm/v3/cmd/helm)
   (cd "$here" && go build -o "$bin/e2e-kubelet" ./kubelet)
+  (cd "$here/s3server" && go build -o "$bin/e2e-s3" .)
   # etcd 3.6, its etcdctl and etcd's benchmark tool, for the comparison tests and bench/ (Debian ships 3.4).
   (cd "$here/../bench/etcd" && go build -o "$bin/etcd-3.6" ./cmd/etcd && go build -o "$bin/etcdctl-3.6" ./cmd/etcdctl && go build -o "$bin/etcd-benchmark" ./cmd/benchmark)
 }
