@@ -59,6 +59,8 @@ type Report struct {
 	ConnectionDrops int                   `json:"connection_drop_errors"`
 	Errors          map[string]int        `json:"client_errors"`
 	PerFault        map[string]FaultStats `json:"per_fault"`
+	Patched         PatchStats            `json:"indeterminate_resolved"`
+	CheckSeconds    float64               `json:"check_seconds"`
 }
 
 type FaultStats struct {
@@ -77,6 +79,8 @@ func main() {
 	artifacts := flag.String("artifacts", "robustness-artifacts", "where the report, and on failure the visualization and logs, go")
 	only := flag.String("faults", "", "comma-separated fault types to use (default: all)")
 	seed := flag.Int64("seed", time.Now().UnixNano(), "random seed")
+	keepLogs := flag.Bool("keep-logs", false, "keep the member logs in --artifacts even when the run passes")
+	checkTimeout := flag.Duration("check-timeout", 10*time.Minute, "how long porcupine may search before the run counts as undecided")
 	needPartitions := flag.Bool("require-partitions", false, "fail instead of running without the partition faults when network namespaces are unavailable")
 	flag.Parse()
 	if *bin == "" {
@@ -215,14 +219,19 @@ func main() {
 			report.ConnectionDrops += n
 		}
 	}
-	res, info := porcupine.CheckOperationsVerbose(model, h.ops, 5*time.Minute)
+	ops, patched := patchHistory(h.ops, ref, leaseChecker(c))
+	report.Patched = patched
+	report.Violations = append(report.Violations, patched.Problems...)
+	checkStarted := time.Now()
+	res, info := porcupine.CheckOperationsVerbose(model, ops, *checkTimeout)
+	report.CheckSeconds = time.Since(checkStarted).Seconds()
 	report.Linearizable = map[string]bool{"all": res == porcupine.Ok}
 	switch res {
 	case porcupine.Illegal:
 		report.Violations = append(report.Violations, "the history is not linearizable (see linearization.html)")
 		_ = porcupine.VisualizePath(model, info, filepath.Join(*artifacts, "linearization.html"))
 	case porcupine.Unknown:
-		report.Violations = append(report.Violations, "porcupine could not decide within 5 minutes")
+		report.Violations = append(report.Violations, fmt.Sprintf("porcupine could not decide within %v", *checkTimeout))
 	}
 
 	summarize(report)
@@ -238,7 +247,7 @@ func main() {
 		teardownNetwork()
 		os.Exit(1)
 	}
-	if *target == "raftkv" {
+	if *target == "raftkv" && !*keepLogs {
 		// Member logs are only kept when something failed.
 		_ = os.RemoveAll(filepath.Join(*artifacts, "cluster"))
 	}
@@ -261,6 +270,8 @@ func summarize(r Report) {
 		}
 		fmt.Println()
 	}
+	fmt.Printf("indeterminate writes: %d happened, %d did not, %d left open; checked in %.1fs\n",
+		r.Patched.Happened, r.Patched.NotHappened, r.Patched.OpenEnded, r.CheckSeconds)
 	fmt.Printf("longest watch gap %v, connection-drop errors %d, linearizable %v\n", r.WatchLongestGap, r.ConnectionDrops, r.Linearizable["all"])
 }
 

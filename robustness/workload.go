@@ -26,6 +26,10 @@ const (
 
 func key(g, k int) string { return fmt.Sprintf("%sg%d/k%d", prefix, g, k) }
 
+// markerKey is written by every delete of group g, so that the store's history tells whether
+// a delete whose outcome the client never learned took effect (see patch.go). Nobody reads it.
+func markerKey(g int) string { return fmt.Sprintf("%sg%d/deleted", prefix, g) }
+
 // Input is what an operation asked.
 type Input struct {
 	Op     string // put, get, cas, delete, mput, mget, lput, revoke
@@ -34,6 +38,7 @@ type Input struct {
 	Values []string
 	Expect string // cas: the value compared against
 	Lease  int64  // lput, revoke
+	Marker string // delete: the unique value its transaction writes to the group's marker key
 }
 
 // Output is what it got back.
@@ -195,16 +200,18 @@ func (w *Worker) step(parent context.Context) {
 		}
 		w.h.record(w.id, Input{Op: "cas", Group: g, Keys: []string{k}, Values: []string{v}, Expect: expect}, call, out, err, true)
 	case r < 78:
-		resp, err := w.cli.Delete(ctx, k)
+		marker := w.value()
+		resp, err := w.cli.Txn(ctx).Then(clientv3.OpDelete(k), clientv3.OpPut(markerKey(g), marker)).Commit()
 		out := Output{}
 		if err == nil {
 			out.Rev = resp.Header.Revision
-			out.Deleted = resp.Deleted
-			if resp.Deleted > 0 {
+			out.Deleted = resp.Responses[0].GetResponseDeleteRange().Deleted
+			if out.Deleted > 0 {
 				w.ack(k, "", true, out.Rev)
 			}
+			w.ack(markerKey(g), marker, false, out.Rev)
 		}
-		w.h.record(w.id, Input{Op: "delete", Group: g, Keys: []string{k}}, call, out, err, true)
+		w.h.record(w.id, Input{Op: "delete", Group: g, Keys: []string{k}, Marker: marker}, call, out, err, true)
 	case r < 86:
 		// Two keys of a group, written atomically.
 		k2 := key(g, (keyIndex(k)+1)%keysPerGroup)
