@@ -145,6 +145,12 @@ impl DataDir {
         }
     }
 
+    /// The identity recorded in `path`, if it holds one that parses; read without claiming.
+    pub fn recorded(path: &Path) -> Option<Identity> {
+        let text = std::fs::read_to_string(path.join(IDENTITY_FILE)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
     /// Marks `path`, which holds a database seeded from the backup with SHA-256 `digest`, as
     /// the data directory of member `member_id` of a new cluster. The backup brings its users,
     /// so no initial root user is created. Written last by a restore: a directory without it

@@ -160,8 +160,10 @@ const DOWNLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 /// `raftkv serve --restore-from-url`: a member of a new cluster whose data directory is still
 /// empty downloads the backup (an HTTP(S) URL, such as the presigned S3 URL the operator
 /// gives), checks it against `sha256` when given, and restores it before serving. A member
-/// that already has data, or joins an existing cluster, ignores it: the backup only seeds a
-/// cluster's first members.
+/// that joins an existing cluster ignores it: the backup only seeds a cluster's first members.
+/// A first member whose directory already holds data that was not restored from a backup
+/// (a volume kept from an earlier cluster of the same name) refuses to start: serving that
+/// old data as if it were the restore would be a silent, wrong answer.
 pub async fn restore_from_url_if_new(
     url: &str,
     sha256: Option<&str>,
@@ -169,6 +171,15 @@ pub async fn restore_from_url_if_new(
     forming: bool,
 ) -> Result<Option<BackupHeader>, NodeError> {
     let has_data = std::fs::read_dir(&args.data_dir).is_ok_and(|mut d| d.next().is_some());
+    if has_data && forming {
+        let restored = DataDir::recorded(&args.data_dir).and_then(|i| i.restored_from);
+        if restored.is_none() {
+            return Err(NodeError::Config(format!(
+                "this member is to be restored from a backup, but its data directory {} already                  holds data that did not come from one (a volume kept from an earlier cluster?):                  refusing to serve it as the restore; delete the volume, or remove the restore                  from the cluster's spec to serve the old data",
+                args.data_dir.display()
+            )));
+        }
+    }
     if has_data || !forming {
         tracing::info!(
             has_data,
@@ -292,4 +303,54 @@ async fn download(url: &str, file: &std::path::Path) -> Result<(u64, String), No
     }
     out.sync_all().await.map_err(|e| io(file, e))?;
     Ok((bytes, hex::encode(hash.finalize())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(dir: &std::path::Path) -> RestoreArgs {
+        RestoreArgs {
+            from: PathBuf::new(),
+            data_dir: dir.to_path_buf(),
+            id: 1,
+            cluster_token: "apps.kv".into(),
+            encryption_keyring_file: None,
+        }
+    }
+
+    // No server answers this address: a test that reached the download would fail on it.
+    const NOWHERE: &str = "http://127.0.0.1:9/backup";
+
+    #[tokio::test]
+    async fn a_first_member_with_old_data_refuses_to_pass_it_off_as_the_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        DataDir::claim(&data, "apps.kv", 1).unwrap();
+        let err = restore_from_url_if_new(NOWHERE, None, &args(&data), true)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("did not come from one"), "{err}");
+        // Joining an existing cluster, the backup is not this member's business.
+        assert!(
+            restore_from_url_if_new(NOWHERE, None, &args(&data), false)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_member_restored_before_a_restart_starts_from_what_it_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        DataDir::mark_restored(&data, "apps.kv", 1, "ab12").unwrap();
+        assert!(
+            restore_from_url_if_new(NOWHERE, None, &args(&data), true)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
 }
