@@ -1,7 +1,7 @@
 //! Backup schedules in the syntax a CronJob takes: five fields (minute, hour, day of month,
 //! month, day of week) with `*`, lists, ranges, steps and names, or `@hourly`, `@daily`,
-//! `@weekly`, `@monthly`, `@yearly`. Times are UTC. As in cron, when both day fields are
-//! restricted a day matching either one fires.
+//! `@weekly`, `@monthly`, `@yearly`. Times are UTC. As in a CronJob, when both day fields are
+//! restricted (anything but `*`) a day matching either one fires.
 
 use k8s_openapi::jiff::civil::{Date, DateTime};
 use k8s_openapi::jiff::tz::TimeZone;
@@ -51,15 +51,23 @@ impl std::str::FromStr for Schedule {
         if weekdays & (1 << 7) != 0 {
             weekdays |= 1;
         }
-        Ok(Schedule {
+        // As a CronJob reads it: only `*` leaves a day field open; `*/2` restricts it.
+        let open = |f: &str| f == "*" || f == "*/1";
+        let sched = Schedule {
             minutes,
             hours: hours as u32,
             days: days as u32,
             months: months as u16,
             weekdays: (weekdays & 0x7f) as u8,
-            days_restricted: !fields[2].starts_with('*'),
-            weekdays_restricted: !fields[4].starts_with('*'),
-        })
+            days_restricted: !open(fields[2]),
+            weekdays_restricted: !open(fields[4]),
+        };
+        // Five years from 2000 hold every calendar day there is, 29 February included.
+        let reference: Timestamp = "2000-01-01T00:00:00Z".parse().map_err(|e| format!("{e}"))?;
+        if sched.next_after(reference).is_none() {
+            return Err(format!("{s:?} never fires (no such day)"));
+        }
+        Ok(sched)
     }
 }
 
@@ -84,8 +92,8 @@ fn field(text: &str, min: u32, max: u32, names: &[&str], what: &str) -> Result<u
         let (range, step) = match part.split_once('/') {
             Some((r, s)) => {
                 let step: u32 = s.parse().map_err(|_| bad("the step is not a number"))?;
-                if step == 0 {
-                    return Err(bad("a step of 0"));
+                if step == 0 || step > max - min {
+                    return Err(bad(&format!("a step must be 1-{}", max - min)));
                 }
                 (r, step)
             }
@@ -107,7 +115,7 @@ fn field(text: &str, min: u32, max: u32, names: &[&str], what: &str) -> Result<u
         let mut v = lo;
         while v <= hi {
             bits |= 1 << v;
-            v += step;
+            v = v.saturating_add(step);
         }
     }
     if bits == 0 {
@@ -257,7 +265,10 @@ mod tests {
             ("* * * *", "five fields"),
             ("60 * * * *", "outside 0-59"),
             ("* 24 * * *", "outside 0-23"),
-            ("*/0 * * * *", "step of 0"),
+            ("*/0 * * * *", "step must be 1-59"),
+            ("1/4294967295 * * * *", "step must be 1-59"),
+            ("0 0 30 feb *", "never fires"),
+            ("0 0 31 apr,jun *", "never fires"),
             ("5-1 * * * *", "ends before"),
             ("* * 0 * *", "outside 1-31"),
             ("* * * foo *", "not a number"),
@@ -266,8 +277,14 @@ mod tests {
             let err = bad.parse::<Schedule>().unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");
         }
-        // A date that never comes.
-        let never: Schedule = "0 0 31 feb *".parse().unwrap();
-        assert_eq!(never.next_after(at("2026-01-01T00:00:00Z")), None);
+    }
+
+    #[test]
+    fn a_stepped_day_field_restricts_the_day_as_in_a_cronjob() {
+        // Odd days or Mondays, not only Mondays.
+        assert_eq!(
+            next("0 0 */2 * 1", "2026-12-01T12:00:00Z"),
+            "2026-12-03T00:00:00Z"
+        );
     }
 }
