@@ -29,6 +29,8 @@ pub const CLUSTER_LABEL: &str = "raftkv.io/cluster";
 pub const SCHEDULED_LABEL: &str = "raftkv.io/scheduled";
 /// Attempts before a backup is marked Failed.
 const MAX_ATTEMPTS: i32 = 3;
+/// A member that sends no backup bytes for this long is given up on (and the attempt retried).
+const STREAM_IDLE: Duration = Duration::from_secs(300);
 /// A controller that was away catches up on at most one missed run within this window.
 const CATCH_UP: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -42,7 +44,9 @@ pub async fn run(
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
+    // Each running backup holds a part (16-32 MiB) in memory: at most two at once.
     Controller::new(api, watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().concurrency(2))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -70,7 +74,43 @@ async fn reconcile(b: Arc<KVClusterBackup>, ctx: Arc<Context>) -> Result<Action>
         return Ok(Action::await_change());
     }
     let ns = b.namespace().unwrap_or_else(|| "default".into());
+    // The watch cache may not yet hold this controller's own last status write (it is
+    // re-queued by the event of its `Running` patch): decide on the object as it is now.
+    let backups: Api<KVClusterBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(b) = backups.get_opt(&b.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
+    if is_done(b.status.as_ref()) || b.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
     let mut status = b.status.clone().unwrap_or_default();
+    if status.phase.as_deref() == Some("Running") {
+        // Reconciles of one object never overlap, so a backup found Running was cut off: the
+        // operator restarted mid-upload. That counts as an attempt, or a crash loop would
+        // retry it forever.
+        status.attempts += 1;
+        status.message = Some(format!(
+            "attempt {} was interrupted (the operator stopped)",
+            status.attempts
+        ));
+        if status.attempts >= MAX_ATTEMPTS {
+            status.phase = Some("Failed".into());
+            status.completion_time = Some(Timestamp::now().to_string());
+            patch_backup_status(&ctx.client, &b, &status).await?;
+            return Ok(Action::await_change());
+        }
+        status.phase = Some("Pending".into());
+        patch_backup_status(&ctx.client, &b, &status).await?;
+    }
+    if let Some(wait) = status
+        .next_attempt_time
+        .as_deref()
+        .and_then(|t| t.parse::<Timestamp>().ok())
+        .and_then(|t| t.duration_since(Timestamp::now()).try_into().ok())
+        .filter(|d: &Duration| !d.is_zero())
+    {
+        return Ok(Action::requeue(wait));
+    }
     let clusters: Api<KVCluster> = Api::namespaced(ctx.client.clone(), &ns);
     let waiting = match clusters.get_opt(&b.spec.cluster).await? {
         None => Some(format!("KVCluster {:?} does not exist", b.spec.cluster)),
@@ -103,6 +143,7 @@ async fn attempt(
         location(&b.spec.destination, &key)
     ));
     status.start_time = Some(Timestamp::now().to_string());
+    status.next_attempt_time = None;
     patch_backup_status(&ctx.client, b, &status).await?;
     let started = Instant::now();
     let labels = [ns.as_str(), b.spec.cluster.as_str()];
@@ -149,8 +190,16 @@ async fn attempt(
             let last = status.attempts >= MAX_ATTEMPTS;
             status.phase = Some(if last { "Failed" } else { "Pending" }.into());
             status.message = Some(format!("attempt {}: {why}", status.attempts));
+            let backoff = Duration::from_secs(15 << status.attempts.clamp(0, 6));
             if last {
                 status.completion_time = Some(Timestamp::now().to_string());
+                status.next_attempt_time = None;
+            } else {
+                // Kept in the status, so the re-queue our own patch triggers waits too.
+                status.next_attempt_time = Timestamp::now()
+                    .checked_add(backoff)
+                    .ok()
+                    .map(|t| t.to_string());
             }
             patch_backup_status(&ctx.client, b, &status).await?;
             publish(ctx, b, EventType::Warning, "BackupFailed", why.clone()).await;
@@ -158,7 +207,7 @@ async fn attempt(
             Ok(if last {
                 Action::await_change()
             } else {
-                Action::requeue(Duration::from_secs(15 << status.attempts.min(6)))
+                Action::requeue(backoff)
             })
         }
     }
@@ -195,9 +244,9 @@ async fn take(
     let mut upload: Option<(String, Vec<String>)> = None;
     let result = async {
         loop {
-            let chunk = stream
-                .next_chunk()
+            let chunk = tokio::time::timeout(STREAM_IDLE, stream.next_chunk())
                 .await
+                .map_err(|_| format!("the member sent nothing for {}s", STREAM_IDLE.as_secs()))?
                 .map_err(|e| format!("reading the backup stream: {e}"))?;
             let Some(chunk) = chunk else { break };
             verifier
@@ -398,6 +447,9 @@ pub async fn schedule(
 ) -> Result<Option<Duration>> {
     let Some(spec) = &kvc.spec.backup else {
         status.backup = None;
+        status
+            .conditions
+            .retain(|c| c.type_ != "BackupScheduled" && c.type_ != LAST_BACKUP);
         return Ok(None);
     };
     let ns = kvc.namespace().unwrap_or_else(|| "default".into());
@@ -432,10 +484,22 @@ pub async fn schedule(
         .unwrap_or(created)
         .max(floor);
     let api: Api<KVClusterBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    let lp =
+        ListParams::default().labels(&format!("{CLUSTER_LABEL}={name},{SCHEDULED_LABEL}=true"));
+    let mut scheduled = api.list(&lp).await?.items;
+    // Names carry the due time: newest first.
+    scheduled.sort_by_key(|b| std::cmp::Reverse(b.name_any()));
+    // As a CronJob with `concurrencyPolicy: Forbid`, but the run missed meanwhile is caught up
+    // once the one in flight ends (last_schedule_time stays put until then).
+    let in_flight = scheduled
+        .iter()
+        .find(|b| !is_done(b.status.as_ref()))
+        .map(|b| b.name_any());
     let formed = status.bootstrapped;
     if formed
         && !spec.suspend
         && let Some(due) = sched.last_at_or_before(anchor, now)
+        && in_flight.is_none()
     {
         let backup_name = format!("{name}-{}", due.strftime("%Y%m%d-%H%M"));
         let backup = KVClusterBackup {
@@ -491,16 +555,28 @@ pub async fn schedule(
             .with_label_values(&[ns.as_str(), name.as_str()])
             .set(interval);
     }
-    prune(&api, &ctx.client, &ns, &name, spec.keep, &mut st).await?;
+    if let Some(outcome) = prune(&api, ctx, &ns, &name, spec.keep, &scheduled, &mut st).await? {
+        crate::controller::set_condition(
+            status,
+            LAST_BACKUP,
+            outcome.succeeded,
+            outcome.reason,
+            &outcome.message,
+            kvc.meta().generation,
+        );
+    }
     if let Some(t) = st
         .last_success_time
         .as_deref()
         .and_then(|t| t.parse::<Timestamp>().ok())
     {
-        ctx.metrics
+        // After a restart this brings the gauge back; an on-demand backup since then may
+        // already have moved it later, and it never goes back.
+        let gauge = ctx
+            .metrics
             .backup_last_success
-            .with_label_values(&[ns.as_str(), name.as_str()])
-            .set(t.as_second() as f64);
+            .with_label_values(&[ns.as_str(), name.as_str()]);
+        gauge.set(gauge.get().max(t.as_second() as f64));
     }
     crate::controller::set_condition(
         status,
@@ -512,6 +588,9 @@ pub async fn schedule(
             "Scheduled"
         },
         &match &st.next_schedule_time {
+            Some(t) if formed && let Some(b) = &in_flight => {
+                format!("next backup at {t}, once {b} has ended")
+            }
             Some(t) if formed => format!("next backup at {t}"),
             Some(t) => format!("next backup at {t}, once the cluster has formed"),
             None => "no backup is scheduled".into(),
@@ -522,27 +601,104 @@ pub async fn schedule(
     Ok(next.map(|n| Duration::from_secs_f64(n.duration_since(now).as_secs_f64().max(1.0))))
 }
 
+/// Deletes a backup's object (if it made one), then the backup.
+async fn delete_backup(
+    api: &Api<KVClusterBackup>,
+    ctx: &Context,
+    ns: &str,
+    old: &KVClusterBackup,
+    has_object: bool,
+) -> Result<(), String> {
+    if has_object {
+        let key = object_key(
+            &old.spec.destination,
+            ns,
+            &old.spec.cluster,
+            &old.name_any(),
+        );
+        let bucket = open_bucket(&ctx.client, ns, &old.spec.destination).await?;
+        bucket
+            .delete_object(&key)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    match api.delete(&old.name_any(), &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The condition on a KVCluster that says whether its newest scheduled backup worked, so a
+/// failing destination shows on the cluster itself (`kubectl get kvcluster -o yaml`, alerts on
+/// conditions) and not only on a backup object nobody looks at.
+const LAST_BACKUP: &str = "LastBackupSucceeded";
+
+/// How the newest scheduled backup that has run at least once ended, or is retrying.
+#[derive(Debug, PartialEq)]
+struct Outcome {
+    succeeded: bool,
+    reason: &'static str,
+    message: String,
+}
+
+fn outcome(newest_first: &[KVClusterBackup]) -> Option<Outcome> {
+    newest_first.iter().find_map(|b| {
+        let st = b.status.as_ref()?;
+        let message = format!(
+            "{}: {}",
+            b.name_any(),
+            st.message.clone().unwrap_or_default()
+        );
+        match st.phase.as_deref() {
+            Some("Succeeded") => Some(Outcome {
+                succeeded: true,
+                reason: "Succeeded",
+                message,
+            }),
+            Some("Failed") => Some(Outcome {
+                succeeded: false,
+                reason: "Failed",
+                message,
+            }),
+            Some("Pending") if st.attempts > 0 => Some(Outcome {
+                succeeded: false,
+                reason: "Retrying",
+                message,
+            }),
+            _ => None,
+        }
+    })
+}
+
 /// Keeps the newest `keep` successful scheduled backups (and as many failed ones), deleting
-/// older ones with their objects; records the newest success.
+/// older ones with their objects; records the newest success and says how the newest backup
+/// that ran fared.
 async fn prune(
     api: &Api<KVClusterBackup>,
-    client: &kube::Client,
+    ctx: &Context,
     ns: &str,
     cluster: &str,
     keep: i32,
+    all: &[KVClusterBackup],
     st: &mut BackupScheduleStatus,
-) -> Result<()> {
-    let lp =
-        ListParams::default().labels(&format!("{CLUSTER_LABEL}={cluster},{SCHEDULED_LABEL}=true"));
-    let mut all = api.list(&lp).await?.items;
-    // Names carry the due time: newest first.
-    all.sort_by_key(|b| std::cmp::Reverse(b.name_any()));
+) -> Result<Option<Outcome>> {
     let phase = |b: &KVClusterBackup| {
         b.status
             .as_ref()
             .and_then(|s| s.phase.clone())
             .unwrap_or_default()
     };
+    // A backup a cluster in this namespace is (or will be) restored from stays, whatever its age.
+    let clusters: Api<KVCluster> = Api::namespaced(ctx.client.clone(), ns);
+    let restoring: Vec<String> = clusters
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|c| c.spec.restore.map(|r| r.backup))
+        .collect();
+    let newest = outcome(all);
     let succeeded: Vec<&KVClusterBackup> = all.iter().filter(|b| phase(b) == "Succeeded").collect();
     let failed: Vec<&KVClusterBackup> = all.iter().filter(|b| phase(b) == "Failed").collect();
     if let Some(newest) = succeeded.first() {
@@ -555,27 +711,52 @@ async fn prune(
     let keep = keep.max(1) as usize;
     for old in succeeded.iter().skip(keep).chain(failed.iter().skip(keep)) {
         let old: &KVClusterBackup = old;
-        if phase(old) == "Succeeded" {
-            let key = object_key(
-                &old.spec.destination,
-                ns,
-                &old.spec.cluster,
-                &old.name_any(),
-            );
-            let bucket = open_bucket(client, ns, &old.spec.destination)
-                .await
-                .map_err(|why| Error::Backup(format!("pruning {}: {why}", old.name_any())))?;
-            bucket
-                .delete_object(&key)
-                .await
-                .map_err(|e| Error::Backup(format!("pruning {}: {e}", old.name_any())))?;
+        if restoring.contains(&old.name_any()) {
+            continue;
         }
-        match api.delete(&old.name_any(), &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
+        // One backup that cannot be deleted (its credentials Secret gone, the bucket down)
+        // must not stop retention for the others, nor the status being written.
+        if let Err(why) = delete_backup(api, ctx, ns, old, phase(old) == "Succeeded").await {
+            tracing::warn!(cluster, backup = %old.name_any(), error = %why, "deleting a backup past retention");
+            continue;
         }
         tracing::info!(cluster, backup = %old.name_any(), "deleted a backup past retention");
     }
-    Ok(())
+    Ok(newest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backup(name: &str, status: serde_json::Value) -> KVClusterBackup {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "raftkv.io/v1alpha1",
+            "kind": "KVClusterBackup",
+            "metadata": {"name": name, "namespace": "apps"},
+            "spec": {"cluster": "kv", "destination": {"s3": {
+                "endpoint": "https://s3.example", "bucket": "b", "credentialsSecretName": "c"}}},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_newest_backup_that_ran_decides_the_condition() {
+        let just_created = backup("kv-3", serde_json::json!({"phase": "Pending"}));
+        let retrying = backup(
+            "kv-2",
+            serde_json::json!({"phase": "Pending", "attempts": 1, "message": "attempt 1: 403"}),
+        );
+        let ok = backup("kv-1", serde_json::json!({"phase": "Succeeded"}));
+        let got = outcome(&[just_created.clone(), retrying, ok.clone()]).unwrap();
+        assert_eq!(
+            (got.succeeded, got.reason, got.message.as_str()),
+            (false, "Retrying", "kv-2: attempt 1: 403")
+        );
+        assert!(outcome(&[just_created.clone(), ok]).unwrap().succeeded);
+        let failed = backup("kv-0", serde_json::json!({"phase": "Failed"}));
+        assert_eq!(outcome(&[failed]).unwrap().reason, "Failed");
+        assert_eq!(outcome(&[just_created]), None);
+    }
 }

@@ -335,6 +335,31 @@ impl<'a> Reconciler<'a> {
     }
 
     async fn run(&self) -> Result<Action> {
+        let (result, scheduled) = self.converge().await;
+        if !scheduled && self.kvc.spec.backup.is_some() {
+            // Backups matter most while the cluster's own reconcile is failing or refused:
+            // the schedule runs on the last status written, and writes only that back.
+            let mut status = self.kvc.status.clone().unwrap_or_default();
+            match crate::backup::schedule(self.kvc, self.ctx, &mut status).await {
+                Ok(_) => {
+                    if let Err(e) = patch_status(&self.ctx.client, self.kvc, &status).await {
+                        tracing::warn!(cluster = %key(self.kvc), error = %e, "backup schedule status");
+                    }
+                }
+                Err(e) => tracing::warn!(cluster = %key(self.kvc), error = %e, "backup schedule"),
+            }
+        }
+        result
+    }
+
+    /// Moves the cluster one step; says too whether the backup schedule ran as part of it.
+    async fn converge(&self) -> (Result<Action>, bool) {
+        let mut scheduled = false;
+        let result = self.converge_inner(&mut scheduled).await;
+        (result, scheduled)
+    }
+
+    async fn converge_inner(&self, scheduled: &mut bool) -> Result<Action> {
         let kvc = self.kvc;
         let generation = kvc.meta().generation;
         let mut status = kvc.status.clone().unwrap_or_default();
@@ -402,6 +427,7 @@ impl<'a> Reconciler<'a> {
             }
         };
         patch_status(&self.ctx.client, kvc, &status).await?;
+        *scheduled = true;
         let next = match step {
             Step::Converged => Duration::from_secs(60),
             Step::Degraded(_) => Duration::from_secs(10),

@@ -44,6 +44,7 @@ use std::collections::BTreeMap;
     doc = "A raftkv cluster"
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.restore) == has(oldSelf.restore)").message("restore can only be given when the cluster is created: a running cluster's members would refuse to start"))]
 pub struct KVClusterSpec {
     /// Number of voting members: odd, 1 to 9. Changed one member at a time.
     #[x_kube(validation = Rule::new("self % 2 == 1").message("replicas must be odd (1, 3, 5, 7 or 9): an even count adds no fault tolerance"))]
@@ -347,9 +348,12 @@ pub struct S3Destination {
     /// The S3 endpoint, e.g. `https://s3.eu-west-1.amazonaws.com` or `http://minio.backups:9000`.
     #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("endpoint must be an http:// or https:// URL"))]
     pub endpoint: String,
+    /// A bucket name as S3 allows it: 3–63 lowercase letters, digits, '.' and '-'.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$')").message("bucket must be an S3 bucket name: 3-63 lowercase letters, digits, '.' or '-'"))]
     pub bucket: String,
     /// Objects are named `<prefix><namespace>/<cluster>/<backup>.rkvbackup`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..') && self.matches('^[A-Za-z0-9!_.*()/-]*$')").message("prefix must be a relative key prefix: letters, digits and !_.*()/-, no leading '/' and no '..'"))]
     pub prefix: String,
     #[serde(default = "default_region")]
     pub region: String,
@@ -441,6 +445,9 @@ pub struct KVClusterBackupStatus {
     /// Failed attempts so far (a backup is retried a few times with backoff).
     #[serde(default)]
     pub attempts: i32,
+    /// When a failed backup is tried again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_time: Option<String>,
 }
 
 /// One member as the operator last saw it.

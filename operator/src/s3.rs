@@ -94,18 +94,27 @@ impl Bucket {
         if scheme != "http" && scheme != "https" {
             return Err(bad("the scheme must be http or https"));
         }
-        let authority = uri
-            .authority()
-            .ok_or_else(|| bad("no host"))?
-            .as_str()
-            .to_string();
+        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+        // A client sends no port in Host for the scheme's default one, so the signature must
+        // not cover it either.
+        let authority = match (scheme, authority.port_u16()) {
+            ("https", Some(443)) | ("http", Some(80)) => authority.host().to_string(),
+            _ => authority.as_str().to_string(),
+        };
         if authority.contains('@') {
             return Err(bad(
                 "credentials belong in the Secret, not in the endpoint URL",
             ));
         }
-        if bucket.is_empty() || bucket.contains('/') {
-            return Err(bad("the bucket name must be non-empty and have no '/'"));
+        // S3's own rule; anything else could steer a virtual-host-style request elsewhere.
+        let bucket_ok = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-');
+        if !bucket_ok {
+            return Err(bad(
+                "the bucket must be an S3 bucket name: 3-63 lowercase letters, digits, '.' or '-'",
+            ));
         }
         let base_path = uri.path().trim_end_matches('/').to_string();
         let mut roots = rustls::RootCertStore::empty();
@@ -603,9 +612,13 @@ mod tests {
     use super::*;
 
     fn example() -> Bucket {
+        example_at("https://s3.amazonaws.com")
+    }
+
+    fn example_at(endpoint: &str) -> Bucket {
         // The example credentials and bucket of AWS's SigV4 documentation for S3.
         Bucket::new(
-            "https://s3.amazonaws.com",
+            endpoint,
             "examplebucket",
             "us-east-1",
             false,
@@ -658,13 +671,27 @@ mod tests {
     fn keys_and_buckets_are_encoded_once_and_endpoints_checked() {
         assert_eq!(uri_encode("a b/c~d", false), "a%20b/c~d");
         assert_eq!(uri_encode("a/b", true), "a%2Fb");
-        let path = Bucket::new("http://127.0.0.1:9000", "bk", "", true, "a", "b", None).unwrap();
-        assert_eq!(path.address("x/y").1, "/bk/x/y");
+        let path = Bucket::new("http://127.0.0.1:9000", "bkt", "", true, "a", "b", None).unwrap();
+        assert_eq!(path.address("x/y").1, "/bkt/x/y");
         assert_eq!(path.region, "us-east-1");
-        assert!(Bucket::new("ftp://h", "b", "", true, "a", "b", None).is_err());
-        assert!(Bucket::new("http://u:p@h", "b", "", true, "a", "b", None).is_err());
-        assert!(Bucket::new("http://h", "", "", true, "a", "b", None).is_err());
-        assert!(Bucket::new("http://h", "b", "", true, "a", "b", Some(b"junk")).is_err());
+        assert!(Bucket::new("ftp://h", "bkt", "", true, "a", "b", None).is_err());
+        assert!(Bucket::new("http://u:p@h", "bkt", "", true, "a", "b", None).is_err());
+        assert!(Bucket::new("http://h", "bkt", "", true, "a", "b", Some(b"junk")).is_err());
+        // Not bucket names: a virtual-host-style request must not be steered to another host.
+        for bad in ["", "b", "evil.example#", "evil.example/x", "Upper", "a@b.c"] {
+            assert!(
+                Bucket::new("http://h", bad, "", false, "a", "b", None).is_err(),
+                "{bad:?}"
+            );
+        }
+        // Host carries no default port, so the signature must not either.
+        let aws = example_at("https://s3.amazonaws.com:443");
+        let when = may_24_2013();
+        let d = Duration::from_secs(86400);
+        assert_eq!(
+            aws.presign_get_at("test.txt", d, when),
+            example().presign_get_at("test.txt", d, when)
+        );
     }
 
     #[test]
