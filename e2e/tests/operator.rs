@@ -153,6 +153,11 @@ impl Env {
     }
 
     fn events(&self) -> Vec<(String, String)> {
+        self.events_about("KVCluster")
+    }
+
+    /// (reason, note) of the events about objects of one kind, oldest first.
+    fn events_about(&self, kind: &str) -> Vec<(String, String)> {
         let ev = self.cp.json(&[
             "get",
             "events.events.k8s.io",
@@ -164,7 +169,7 @@ impl Env {
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|e| e["regarding"]["kind"] == "KVCluster")
+            .filter(|e| e["regarding"]["kind"] == kind)
             .map(|e| {
                 (
                     e["reason"].as_str().unwrap_or_default().to_string(),
@@ -656,6 +661,17 @@ fn backups_land_in_s3_on_schedule_verified_and_past_retention_deleted(env: &Env)
             }
         },
     );
+    let failures: Vec<(String, String)> = env
+        .events_about("KVClusterBackup")
+        .into_iter()
+        .filter(|(reason, _)| reason == "BackupFailed")
+        .collect();
+    assert!(
+        failures
+            .iter()
+            .any(|(_, note)| note.contains("SignatureDoesNotMatch")),
+        "a BackupFailed event says why: {failures:?}"
+    );
     env.cp.k(&["delete", "kvcb", "kv-wrong-key", "-n", NS]);
 
     // An on-demand backup: the object is a whole backup, the one its status describes.
@@ -779,12 +795,35 @@ fn backups_land_in_s3_on_schedule_verified_and_past_retention_deleted(env: &Env)
         },
     );
 
-    // Every minute, keep one.
-    env.patch_spec(&format!(
-        r#"{{"backup":{{"schedule":"* * * * *","keep":1,"destination":{}}}}}"#,
-        destination("s3-creds")
-    ))
-    .unwrap_or_else(|e| panic!("{e}"));
+    // Every minute, keep one — first to a destination that refuses the operator's signature:
+    // the failure shows on the KVCluster, which keeps serving.
+    let schedule = |secret: &str| {
+        env.patch_spec(&format!(
+            r#"{{"backup":{{"schedule":"* * * * *","keep":1,"destination":{}}}}}"#,
+            destination(secret)
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    };
+    schedule("s3-wrong");
+    wait_for(
+        "a failing scheduled backup to show on the cluster",
+        Duration::from_secs(150),
+        || {
+            let kvc = env.kvc();
+            match env.condition(&kvc, "LastBackupSucceeded").as_deref() {
+                Some("False") => Ok(()),
+                other => Err(format!("LastBackupSucceeded {other:?}: {}", kvc["status"])),
+            }
+        },
+    );
+    assert_eq!(
+        env.condition(&env.kvc(), "Available").as_deref(),
+        Some("True")
+    );
+    env.rt
+        .block_on(client.set("backup/while-failing", "still serving"))
+        .expect("the cluster serves while its backups fail");
+    schedule("s3-creds");
     let first = wait_for(
         "a scheduled backup to succeed",
         Duration::from_secs(150),
@@ -841,6 +880,12 @@ fn backups_land_in_s3_on_schedule_verified_and_past_retention_deleted(env: &Env)
     assert_ne!(
         kvc["status"]["backup"]["lastSuccessfulBackup"],
         name.as_str()
+    );
+    assert_eq!(
+        env.condition(&kvc, "LastBackupSucceeded").as_deref(),
+        Some("True"),
+        "{}",
+        kvc["status"]
     );
 
     // Off again for the scenarios that follow.
