@@ -10,13 +10,7 @@
 #   OUT=bench/RESULTS-etcd-benchmark.md bench/etcd-benchmark.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/lib.sh
-install_packages
-[ -x "$RAFTKV_BIN_CACHE/etcd-benchmark" ] || bash e2e/cluster.sh build
-cargo build --release -q -p raftkv
-export RAFTKV="$CARGO_TARGET_DIR/release/raftkv"
-export BENCHMARK="$RAFTKV_BIN_CACHE/etcd-benchmark"
-export SYSTEMS="${SYSTEMS:-raftkv etcd-3.6}"
+. bench/common.sh
 export ROUNDS="${ROUNDS:-2}" TOTAL="${TOTAL:-20000}" VALUE_SIZE="${VALUE_SIZE:-256}"
 export CLIENTS="${CLIENTS:-16 256}" WORKLOADS="${WORKLOADS:-put range-l range-s txn-put}"
 export OUT="${OUT:-}"

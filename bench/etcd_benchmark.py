@@ -175,12 +175,16 @@ def main():
             sizes[s.name] = du_mib(d, s.name)
         report(results, systems, rss, sizes)
     finally:
-        for s in systems:
-            try:
-                s.stop()
-            except Exception as e:  # noqa: BLE001 - best effort on the way out
-                print(f"stopping {s.name}: {e}", file=sys.stderr)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(systems, work)
+
+
+def stop_all(systems, work):
+    for s in systems:
+        try:
+            s.stop()
+        except Exception as e:  # noqa: BLE001 - best effort on the way out
+            print(f"stopping {s.name}: {e}", file=sys.stderr)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def du_mib(path, name):
