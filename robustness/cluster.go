@@ -56,6 +56,8 @@ type Member struct {
 	Paused  bool
 	Log     string
 	DataDir string
+	// Closed once the process has exited and been reaped.
+	exited chan struct{}
 }
 
 func sh(args ...string) error {
@@ -241,11 +243,12 @@ func (c *Cluster) spawn(slot int, id uint64, argv []string) error {
 	if err := cmd.Start(); err != nil {
 		return err
 	}
-	go func() { _ = cmd.Wait(); f.Close() }()
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); f.Close(); close(exited) }()
 	c.mu.Lock()
 	c.spawned = append(c.spawned, cmd)
 	old := c.members[slot]
-	m := &Member{Slot: slot, ID: id, Cmd: cmd, Log: logPath}
+	m := &Member{Slot: slot, ID: id, Cmd: cmd, Log: logPath, exited: exited}
 	if old != nil {
 		m.DataDir = old.DataDir
 	}
@@ -375,8 +378,18 @@ func (c *Cluster) Kill(slot int) error {
 	if err := c.signal(slot, syscall.SIGKILL); err != nil {
 		return err
 	}
-	time.Sleep(100 * time.Millisecond)
-	return nil
+	// Until it is reaped the process still holds its database lock: a replacement started
+	// on the same data directory (a re-added member gets the same id, so the same directory)
+	// would fail to open it.
+	c.mu.Lock()
+	m := c.members[slot]
+	c.mu.Unlock()
+	select {
+	case <-m.exited:
+		return nil
+	case <-time.After(10 * time.Second):
+		return fmt.Errorf("slot %d: still running 10s after SIGKILL", slot)
+	}
 }
 
 // Restart starts the member of slot again with the same flags and data.
@@ -408,7 +421,9 @@ func (c *Cluster) Replace(slot int) error {
 	if _, err := cli.MemberRemove(ctx, id); err != nil {
 		return fmt.Errorf("remove %x: %w", id, err)
 	}
-	_ = c.Kill(slot)
+	if err := c.Kill(slot); err != nil {
+		return err
+	}
 	// Adding may time out while the cluster elects a leader (the removed member may have led);
 	// a retry after an add that did land finds the learner by its URL.
 	var members []*etcdserverpb.Member
