@@ -1,7 +1,8 @@
 //! What Kubernetes relies on from its etcd: a member that loses its leader says so (status,
 //! `hasleader` requests and watches), progress notifications never run ahead of events, a
 //! stopping leader hands over before it goes and ends its streams at once, and the reported
-//! version and sizes mean what etcd's mean.
+//! version and sizes mean what etcd's mean; a write a follower forwarded to a leader that went
+//! silent is answered as soon as another member leads, as etcd's "leader changed" is.
 
 use raftkv_proto::etcdserverpb as pb;
 use raftkv_testkit::*;
@@ -276,4 +277,31 @@ async fn a_watch_from_the_compacted_revision_sees_its_events_and_older_ones_get_
     let m = canceled.expect("the watch is cancelled");
     assert_eq!(m.compact_revision, at);
     assert!(m.events.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_held_by_a_paused_leader_is_answered_once_another_member_leads() {
+    let c = Cluster::start(Options::default());
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let follower = (leader + 1) % 3;
+    let mut kv = c.kv(follower).await;
+    kv.put(authed(put_req("paused/warm", "v"), &c.token))
+        .await
+        .expect("a write before the pause");
+    c.signal(leader, "STOP");
+    let started = Instant::now();
+    // The follower still takes the paused member for its leader and forwards the write there.
+    let answer = kv.put(authed(put_req("paused/k", "v"), &c.token)).await;
+    let took = started.elapsed();
+    c.signal(leader, "CONT");
+    // Another member leads within about two election timeouts (500 ms here); before the fix
+    // the write waited out the whole request timeout (7 s) for the paused one.
+    assert!(
+        took < Duration::from_secs(4),
+        "answered after {took:?}: {answer:?}"
+    );
+    if let Err(status) = answer {
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("leader changed"), "{status:?}");
+    }
 }

@@ -633,6 +633,15 @@ impl Cluster {
     }
 
     /// Resident memory of member `i`'s process, in bytes.
+    /// Sends a signal (`STOP`, `CONT`, ...) to member `i` by name, as `kill -s` takes it.
+    pub fn signal(&self, i: usize, sig: &str) {
+        if let Some(c) = &self.members[i].child {
+            let _ = Command::new("kill")
+                .args(["-s", sig, &c.id().to_string()])
+                .status();
+        }
+    }
+
     pub fn rss_bytes(&self, i: usize) -> u64 {
         let pid = self.members[i].child.as_ref().map(|c| c.id()).unwrap_or(0);
         std::fs::read_to_string(format!("/proc/{pid}/status"))

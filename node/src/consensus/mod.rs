@@ -229,17 +229,19 @@ impl Consensus {
         executor: Executor,
         hooks: ApplyHooks,
     ) -> Result<Consensus, String> {
-        let election_ms = (config.election_timeout.as_millis() as u64).max(2);
+        let election_ms = (config.election_timeout.as_millis() as u64).max(4);
         let raft_config = Config {
             cluster_name: format!("raftkv-{:x}", config.cluster_id),
             heartbeat_interval: config.heartbeat_interval.as_millis() as u64,
             // openraft's followers refuse votes for `election_timeout_max` after they last heard
-            // from the leader (its leader lease), and start elections after a random time in
-            // [min, max). With max at the configured election timeout, a leader that dies or is
-            // cut off is replaced within one to two election timeouts, as etcd's is; with max at
-            // twice the timeout, candidates kept hitting the lease and failover took three.
-            election_timeout_min: election_ms / 2,
-            election_timeout_max: election_ms,
+            // from the leader (its leader lease), and campaign only once that lease and then a
+            // random time in [min, max) have passed: between max + min and 2 * max after the
+            // last heartbeat. With max = 3/4 and min = 1/4 of the configured election timeout,
+            // a follower campaigns 1 to 1.5 election timeouts after the leader went silent,
+            // as an etcd follower does at 1 to 2 (max = ET, min = ET/2 made it 1.5 to 2, and
+            // failover measurably slower than etcd's in the robustness suite).
+            election_timeout_min: election_ms / 4,
+            election_timeout_max: election_ms * 3 / 4,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_threshold),
             max_in_snapshot_log_to_keep: config.snapshot_log_keep,
             replication_lag_threshold: config
@@ -253,6 +255,13 @@ impl Consensus {
             // resuming leadership without an election would overwrite committed entries on the
             // followers. It must win a fresh election (with Raft's up-to-date check) instead.
             enable_leader_restore: Some(false),
+            // openraft's default has a removed leader hand leadership to a remaining voter
+            // 150 ms after its removal commits; the member it names, asked by a node outside
+            // its configuration, stopped answering votes for one to two request timeouts
+            // (7-14 s without a leader in the robustness suite, replace-member of the leader).
+            // A removed member stops instead (see `observe`), and the remaining voters elect
+            // on their own within 1-1.5 election timeouts.
+            removed_leader_step_down: openraft::StepDownPolicy::Never,
             ..Default::default()
         }
         .validate()
@@ -515,6 +524,24 @@ impl Consensus {
         }
     }
 
+    /// Resolves once a member other than `old` is known to lead (never while none is).
+    async fn wait_leader_other_than(&self, old: NodeId) {
+        let mut rx = self.inner.raft.metrics();
+        loop {
+            if rx
+                .borrow_and_update()
+                .current_leader
+                .is_some_and(|l| l != old)
+            {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                // Raft stopped: the forward's own outcome will say so.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Commits a proposal and returns the state machine's response, forwarding it with the
     /// caller's `credential` to the leader if this node is not it. A proposal without a
     /// credential (the leader's own housekeeping) is never forwarded.
@@ -541,10 +568,21 @@ impl Consensus {
                     ));
                 }
                 Some((id, node)) if id != self.id() => {
-                    match self
-                        .forward_propose(&node, credential.as_ref(), &proposal, remaining)
-                        .await
-                    {
+                    let forwarded =
+                        self.forward_propose(&node, credential.as_ref(), &proposal, remaining);
+                    // A leader that was paused or cut off holds the request until the caller
+                    // gives up; once another member leads, say so at once (as etcd's "leader
+                    // changed") so the client moves on. Whether the old leader had already
+                    // replicated it is not known, so it is not sent again.
+                    let outcome = tokio::select! {
+                        r = forwarded => r,
+                        () = self.wait_leader_other_than(id) => {
+                            return Err(ProposeError::OutcomeUnknown(
+                                "the leader changed while it held the request".into(),
+                            ));
+                        }
+                    };
+                    match outcome {
                         Ok(p) => return Ok(p),
                         // The leader moved on before accepting it: safe to try again.
                         Err(ForwardError::NotDelivered) => {
