@@ -1112,6 +1112,14 @@ fn invalid_specs_are_rejected_without_touching_the_cluster(env: &Env) {
     assert!(err.contains("size must be a quantity"), "{err}");
     let ten = env.patch_spec("{\"replicas\":11}");
     assert!(ten.is_err(), "11 replicas accepted");
+    // Members would refuse to start with fewer than five heartbeats per election timeout.
+    let timers = env.patch_spec(r#"{"raft":{"electionTimeoutMs":400,"heartbeatIntervalMs":100}}"#);
+    let err = timers.expect_err("an election timeout of 4 heartbeats accepted");
+    assert!(err.contains("at least 5 heartbeatIntervalMs"), "{err}");
+    // A restore is for a new cluster only.
+    let restore = env.patch_spec(r#"{"restore":{"backup":"kv-manual"}}"#);
+    let err = restore.expect_err("restore added to a running cluster");
+    assert!(err.contains("restore can only be given"), "{err}");
     let kvc = env.wait_running(3, Duration::from_secs(30));
     assert_eq!(kvc["spec"]["replicas"], 3);
 }

@@ -285,6 +285,18 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// Followers campaign from a quarter of the election timeout on (see consensus): with
+    /// fewer than five heartbeats per timeout they would campaign between heartbeats.
+    pub fn check_timers(&self) -> Result<(), String> {
+        if self.election_timeout_ms < self.heartbeat_interval_ms.max(1).saturating_mul(5) {
+            return Err(format!(
+                "--election-timeout-ms ({}) must be at least 5 times --heartbeat-interval-ms ({})",
+                self.election_timeout_ms, self.heartbeat_interval_ms
+            ));
+        }
+        Ok(())
+    }
+
     /// The member id: --id, or the StatefulSet ordinal of --pod-name plus one.
     pub fn member_id(&self) -> Result<u64, String> {
         if let Some(id) = self.id {
@@ -414,6 +426,34 @@ mod tests {
         assert_eq!(t.a.member_id().unwrap(), 7);
         let t = T::parse_from(["t", "--data-dir", "/d", "--id", "0"]);
         assert!(t.a.member_id().is_err());
+    }
+
+    #[test]
+    fn an_election_timeout_under_five_heartbeats_is_refused() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            a: ServeArgs,
+        }
+        let timers = |e: &str, h: &str| {
+            T::parse_from([
+                "t",
+                "--data-dir",
+                "/d",
+                "--election-timeout-ms",
+                e,
+                "--heartbeat-interval-ms",
+                h,
+            ])
+            .a
+            .check_timers()
+        };
+        assert!(timers("1000", "100").is_ok());
+        assert!(timers("500", "100").is_ok());
+        let err = timers("400", "100").unwrap_err();
+        assert!(err.contains("at least 5 times"), "{err}");
+        assert!(timers("100", "0").is_ok());
     }
 
     #[test]

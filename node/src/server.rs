@@ -198,6 +198,7 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
                 .into(),
         ));
     }
+    args.check_timers().map_err(NodeError::Config)?;
     if let Some(url) = &args.restore_from_url {
         let restore = crate::restore::RestoreArgs {
             from: std::path::PathBuf::new(),

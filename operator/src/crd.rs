@@ -279,6 +279,7 @@ impl Default for PodDisruptionBudgetSpec {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.electionTimeoutMs >= 5 * self.heartbeatIntervalMs").message("electionTimeoutMs must be at least 5 heartbeatIntervalMs, or members would campaign between heartbeats (and refuse to start)"))]
 pub struct RaftSpec {
     #[serde(default = "default_election")]
     #[x_kube(validation = Rule::new("self >= 100 && self <= 60000").message("electionTimeoutMs must be between 100 and 60000"))]
