@@ -7,6 +7,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -375,7 +376,8 @@ func (c *Cluster) signal(slot int, sig syscall.Signal) error {
 
 // Kill sends SIGKILL and waits for the process to go.
 func (c *Cluster) Kill(slot int) error {
-	if err := c.signal(slot, syscall.SIGKILL); err != nil {
+	// A member that was removed may have stopped on its own: then there is nothing to kill.
+	if err := c.signal(slot, syscall.SIGKILL); err != nil && !errors.Is(err, os.ErrProcessDone) {
 		return err
 	}
 	// Until it is reaped the process still holds its database lock: a replacement started
