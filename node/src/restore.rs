@@ -62,12 +62,7 @@ pub fn run(args: &RestoreArgs) -> Result<BackupHeader, NodeError> {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .ok_or_else(|| NodeError::Config(format!("{} names no directory", target.display())))?;
-    let parent = target
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
-    std::fs::create_dir_all(&parent).map_err(|e| io(&parent, e))?;
+    let parent = parent_dir(target)?;
     let staging = parent.join(format!(".{name}.restoring-{:016x}", rand::random::<u64>()));
     let assembled = (|| -> Result<(), NodeError> {
         std::fs::create_dir(&staging).map_err(|e| io(&staging, e))?;
@@ -154,6 +149,18 @@ fn check_keys(
     Ok(())
 }
 
+/// The directory `path` sits in (created): staging files go beside the data directory, on
+/// the same filesystem, so the final rename is atomic.
+fn parent_dir(path: &std::path::Path) -> Result<PathBuf, NodeError> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&parent).map_err(|e| io(&parent, e))?;
+    Ok(parent)
+}
+
 /// How long a download may go without a byte before it is given up.
 const DOWNLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -188,13 +195,7 @@ pub async fn restore_from_url_if_new(
         );
         return Ok(None);
     }
-    let parent = args
-        .data_dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
-    std::fs::create_dir_all(&parent).map_err(|e| io(&parent, e))?;
+    let parent = parent_dir(&args.data_dir)?;
     let file = parent.join(format!(".restore-download-{:016x}", rand::random::<u64>()));
     let result = async {
         let started = std::time::Instant::now();

@@ -3,7 +3,7 @@
 //! schedule a KVCluster's `spec.backup` asks for, which creates those objects when due and
 //! deletes the ones past retention (with their S3 objects).
 
-use crate::controller::{Context, MANAGER, connect_cluster};
+use crate::controller::{Context, MANAGER, apply_status, connect_cluster};
 use crate::crd::{
     BackupDestination, BackupScheduleStatus, KVCluster, KVClusterBackup, KVClusterBackupSpec,
     KVClusterBackupStatus, KVClusterStatus,
@@ -96,11 +96,11 @@ async fn reconcile(b: Arc<KVClusterBackup>, ctx: Arc<Context>) -> Result<Action>
         if status.attempts >= MAX_ATTEMPTS {
             status.phase = Some("Failed".into());
             status.completion_time = Some(Timestamp::now().to_string());
-            patch_backup_status(&ctx.client, &b, &status).await?;
+            apply_status(&ctx.client, &b, &status).await?;
             return Ok(Action::await_change());
         }
         status.phase = Some("Pending".into());
-        patch_backup_status(&ctx.client, &b, &status).await?;
+        apply_status(&ctx.client, &b, &status).await?;
     }
     if let Some(wait) = status
         .next_attempt_time
@@ -123,7 +123,7 @@ async fn reconcile(b: Arc<KVClusterBackup>, ctx: Arc<Context>) -> Result<Action>
     };
     status.phase = Some("Pending".into());
     status.message = waiting;
-    patch_backup_status(&ctx.client, &b, &status).await?;
+    apply_status(&ctx.client, &b, &status).await?;
     Ok(Action::requeue(Duration::from_secs(15)))
 }
 
@@ -144,7 +144,7 @@ async fn attempt(
     ));
     status.start_time = Some(Timestamp::now().to_string());
     status.next_attempt_time = None;
-    patch_backup_status(&ctx.client, b, &status).await?;
+    apply_status(&ctx.client, b, &status).await?;
     let started = Instant::now();
     let labels = [ns.as_str(), b.spec.cluster.as_str()];
     match take(b, kvc, ctx, &ns, &key).await {
@@ -170,7 +170,7 @@ async fn attempt(
             status.size_bytes = Some(done.bytes as i64);
             status.sha256 = Some(done.sha256);
             status.completion_time = Some(Timestamp::now().to_string());
-            patch_backup_status(&ctx.client, b, &status).await?;
+            apply_status(&ctx.client, b, &status).await?;
             publish(
                 ctx,
                 b,
@@ -201,7 +201,7 @@ async fn attempt(
                     .ok()
                     .map(|t| t.to_string());
             }
-            patch_backup_status(&ctx.client, b, &status).await?;
+            apply_status(&ctx.client, b, &status).await?;
             publish(ctx, b, EventType::Warning, "BackupFailed", why.clone()).await;
             tracing::warn!(backup = %b.name_any(), attempt = status.attempts, error = %why, "backup failed");
             Ok(if last {
@@ -403,27 +403,6 @@ pub async fn open_bucket(
     .map_err(|e| e.to_string())
 }
 
-async fn patch_backup_status(
-    client: &kube::Client,
-    b: &KVClusterBackup,
-    status: &KVClusterBackupStatus,
-) -> Result<()> {
-    let api: Api<KVClusterBackup> =
-        Api::namespaced(client.clone(), &b.namespace().unwrap_or_default());
-    let body = serde_json::json!({
-        "apiVersion": "raftkv.io/v1alpha1",
-        "kind": "KVClusterBackup",
-        "status": status,
-    });
-    api.patch_status(
-        &b.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
-    Ok(())
-}
-
 async fn publish(ctx: &Context, b: &KVClusterBackup, type_: EventType, reason: &str, note: String) {
     let ev = Event {
         type_,
@@ -555,7 +534,8 @@ pub async fn schedule(
             .with_label_values(&[ns.as_str(), name.as_str()])
             .set(interval);
     }
-    if let Some(outcome) = prune(&api, ctx, &ns, &name, spec.keep, &scheduled, &mut st).await? {
+    prune(&api, ctx, &ns, &name, spec.keep, &scheduled, &mut st).await?;
+    if let Some(outcome) = outcome(&scheduled) {
         crate::controller::set_condition(
             status,
             LAST_BACKUP,
@@ -672,8 +652,7 @@ fn outcome(newest_first: &[KVClusterBackup]) -> Option<Outcome> {
 }
 
 /// Keeps the newest `keep` successful scheduled backups (and as many failed ones), deleting
-/// older ones with their objects; records the newest success and says how the newest backup
-/// that ran fared.
+/// older ones with their objects; records the newest success.
 async fn prune(
     api: &Api<KVClusterBackup>,
     ctx: &Context,
@@ -682,7 +661,7 @@ async fn prune(
     keep: i32,
     all: &[KVClusterBackup],
     st: &mut BackupScheduleStatus,
-) -> Result<Option<Outcome>> {
+) -> Result<()> {
     let phase = |b: &KVClusterBackup| {
         b.status
             .as_ref()
@@ -698,7 +677,6 @@ async fn prune(
         .into_iter()
         .filter_map(|c| c.spec.restore.map(|r| r.backup))
         .collect();
-    let newest = outcome(all);
     let succeeded: Vec<&KVClusterBackup> = all.iter().filter(|b| phase(b) == "Succeeded").collect();
     let failed: Vec<&KVClusterBackup> = all.iter().filter(|b| phase(b) == "Failed").collect();
     if let Some(newest) = succeeded.first() {
@@ -722,7 +700,7 @@ async fn prune(
         }
         tracing::info!(cluster, backup = %old.name_any(), "deleted a backup past retention");
     }
-    Ok(newest)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -189,7 +189,7 @@ pub fn error_policy(kvc: Arc<KVCluster>, err: &Error, ctx: Arc<Context>) -> Acti
             &message,
             kvc.meta().generation,
         );
-        if let Err(e) = patch_status(&ctx.client, &kvc, &status).await {
+        if let Err(e) = apply_status(&ctx.client, kvc.as_ref(), &status).await {
             tracing::debug!(error = %e, "recording the failure in the status");
         }
         publish(&ctx, &kvc, EventType::Warning, reason, "Reconcile", message).await;
@@ -250,19 +250,26 @@ pub fn set_condition(
     }
 }
 
-async fn patch_status(
+/// Writes `status` as this operator's (server-side apply, forced: the status is ours alone).
+pub(crate) async fn apply_status<K>(
     client: &kube::Client,
-    kvc: &KVCluster,
-    status: &KVClusterStatus,
-) -> Result<()> {
-    let api: Api<KVCluster> = Api::namespaced(client.clone(), &kvc.namespace().unwrap_or_default());
+    obj: &K,
+    status: &impl Serialize,
+) -> Result<()>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
     let body = serde_json::json!({
-        "apiVersion": "raftkv.io/v1alpha1",
-        "kind": "KVCluster",
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
         "status": status,
     });
     api.patch_status(
-        &kvc.name_any(),
+        &obj.name_any(),
         &PatchParams::apply(MANAGER).force(),
         &Patch::Apply(&body),
     )
@@ -335,14 +342,15 @@ impl<'a> Reconciler<'a> {
     }
 
     async fn run(&self) -> Result<Action> {
-        let (result, scheduled) = self.converge().await;
+        let mut scheduled = false;
+        let result = self.converge(&mut scheduled).await;
         if !scheduled && self.kvc.spec.backup.is_some() {
             // Backups matter most while the cluster's own reconcile is failing or refused:
             // the schedule runs on the last status written, and writes only that back.
             let mut status = self.kvc.status.clone().unwrap_or_default();
             match crate::backup::schedule(self.kvc, self.ctx, &mut status).await {
                 Ok(_) => {
-                    if let Err(e) = patch_status(&self.ctx.client, self.kvc, &status).await {
+                    if let Err(e) = apply_status(&self.ctx.client, self.kvc, &status).await {
                         tracing::warn!(cluster = %key(self.kvc), error = %e, "backup schedule status");
                     }
                 }
@@ -352,14 +360,8 @@ impl<'a> Reconciler<'a> {
         result
     }
 
-    /// Moves the cluster one step; says too whether the backup schedule ran as part of it.
-    async fn converge(&self) -> (Result<Action>, bool) {
-        let mut scheduled = false;
-        let result = self.converge_inner(&mut scheduled).await;
-        (result, scheduled)
-    }
-
-    async fn converge_inner(&self, scheduled: &mut bool) -> Result<Action> {
+    /// Moves the cluster one step; sets `scheduled` once the backup schedule ran as part of it.
+    async fn converge(&self, scheduled: &mut bool) -> Result<Action> {
         let kvc = self.kvc;
         let generation = kvc.meta().generation;
         let mut status = kvc.status.clone().unwrap_or_default();
@@ -426,7 +428,7 @@ impl<'a> Reconciler<'a> {
                 Some(Duration::from_secs(30))
             }
         };
-        patch_status(&self.ctx.client, kvc, &status).await?;
+        apply_status(&self.ctx.client, kvc, &status).await?;
         *scheduled = true;
         let next = match step {
             Step::Converged => Duration::from_secs(60),
@@ -460,7 +462,7 @@ impl<'a> Reconciler<'a> {
             self.kvc.meta().generation,
         );
         status.phase = Some("Degraded".into());
-        patch_status(&self.ctx.client, self.kvc, &status).await?;
+        apply_status(&self.ctx.client, self.kvc, &status).await?;
         if !already {
             publish(
                 self.ctx,

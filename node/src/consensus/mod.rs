@@ -508,37 +508,28 @@ impl Consensus {
 
     /// Waits until some leader is known, up to `timeout`.
     async fn wait_for_leader(&self, timeout: Duration) -> Option<NodeId> {
-        let mut rx = self.inner.raft.metrics();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let current = rx.borrow_and_update().current_leader;
-            if let Some(l) = current {
-                return Some(l);
-            }
-            if tokio::time::timeout_at(deadline, rx.changed())
-                .await
-                .is_err()
-            {
-                return None;
-            }
+        tokio::time::timeout(timeout, self.leader_when(|_| true))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Resolves once a member other than `old` is known to lead (never while none is, nor
+    /// once Raft stopped: the caller's own request then says so).
+    async fn wait_leader_other_than(&self, old: NodeId) {
+        if self.leader_when(|l| l != old).await.is_none() {
+            std::future::pending::<()>().await;
         }
     }
 
-    /// Resolves once a member other than `old` is known to lead (never while none is).
-    async fn wait_leader_other_than(&self, old: NodeId) {
+    /// The leader, once there is one that `wanted` accepts; `None` if Raft stopped first.
+    async fn leader_when(&self, wanted: impl Fn(NodeId) -> bool) -> Option<NodeId> {
         let mut rx = self.inner.raft.metrics();
         loop {
-            if rx
-                .borrow_and_update()
-                .current_leader
-                .is_some_and(|l| l != old)
-            {
-                return;
+            if let Some(l) = rx.borrow_and_update().current_leader.filter(|l| wanted(*l)) {
+                return Some(l);
             }
-            if rx.changed().await.is_err() {
-                // Raft stopped: the forward's own outcome will say so.
-                std::future::pending::<()>().await;
-            }
+            rx.changed().await.ok()?;
         }
     }
 
