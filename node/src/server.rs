@@ -516,23 +516,40 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
                 .max_decoding_message_size(max_msg)
                 .max_encoding_message_size(usize::MAX),
             )
-            .add_service(LeaseServer::new(api::lease::LeaseService::new(api.clone())))
-            .add_service(ClusterServer::new(api::cluster::ClusterService::new(
-                api.clone(),
-            )))
+            // Every service takes requests up to the same limit as KV (etcd's
+            // --max-request-bytes plus gRPC overhead), not tonic's 4 MiB default.
+            .add_service(
+                LeaseServer::new(api::lease::LeaseService::new(api.clone()))
+                    .max_decoding_message_size(max_msg),
+            )
+            .add_service(
+                ClusterServer::new(api::cluster::ClusterService::new(api.clone()))
+                    .max_decoding_message_size(max_msg),
+            )
             .add_service(
                 MaintenanceServer::new(api::maintenance::MaintenanceService::new(api.clone()))
+                    .max_decoding_message_size(max_msg)
                     .max_encoding_message_size(usize::MAX),
             )
-            .add_service(AuthServer::new(api::auth::AuthService::new(api.clone())))
-            .add_service(AdminServer::new(api::admin::AdminService::new(api.clone())))
-            .add_service(raftkv_proto::v3lockpb::lock_server::LockServer::new(
-                api::lock::LockService::new(api.clone()),
-            ))
+            .add_service(
+                AuthServer::new(api::auth::AuthService::new(api.clone()))
+                    .max_decoding_message_size(max_msg),
+            )
+            .add_service(
+                AdminServer::new(api::admin::AdminService::new(api.clone()))
+                    .max_decoding_message_size(max_msg),
+            )
+            .add_service(
+                raftkv_proto::v3lockpb::lock_server::LockServer::new(api::lock::LockService::new(
+                    api.clone(),
+                ))
+                .max_decoding_message_size(max_msg),
+            )
             .add_service(
                 raftkv_proto::v3electionpb::election_server::ElectionServer::new(
                     api::election::ElectionService::new(api.clone()),
-                ),
+                )
+                .max_decoding_message_size(max_msg),
             );
         let incoming = api::connections::incoming(
             client_listener,

@@ -286,6 +286,67 @@ async fn oversized_messages_get_etcds_request_too_large() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_requests_to_every_service_get_etcds_request_too_large() {
+    let c = Cluster::start(Options::default());
+    let too_large = |e: tonic::Status| {
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert_eq!(e.message(), "etcdserver: request is too large");
+    };
+    // Over --max-request-bytes plus gRPC overhead, under tonic's own 4 MiB default.
+    let huge = "x".repeat(3 << 20);
+    let mut auth = c.auth(0).await;
+    let e = auth
+        .user_add(authed(
+            pb::AuthUserAddRequest {
+                name: huge.clone(),
+                password: "pw".into(),
+                ..Default::default()
+            },
+            &c.token,
+        ))
+        .await
+        .unwrap_err();
+    too_large(e);
+    let mut cluster = pb::cluster_client::ClusterClient::new(c.channel(0).await)
+        .max_encoding_message_size(usize::MAX);
+    let e = cluster
+        .member_add(authed(
+            pb::MemberAddRequest {
+                peer_ur_ls: vec![huge.clone()],
+                is_learner: true,
+                ..Default::default()
+            },
+            &c.token,
+        ))
+        .await
+        .unwrap_err();
+    too_large(e);
+    let mut lock = raftkv_proto::v3lockpb::lock_client::LockClient::new(c.channel(0).await);
+    let e = lock
+        .lock(authed(
+            raftkv_proto::v3lockpb::LockRequest {
+                name: huge.into_bytes(),
+                lease: 1,
+            },
+            &c.token,
+        ))
+        .await
+        .unwrap_err();
+    too_large(e);
+    // Nothing was added, and the connection still serves.
+    let users = auth
+        .user_list(authed(pb::AuthUserListRequest {}, &c.token))
+        .await
+        .expect("the connection is still good")
+        .into_inner();
+    assert!(
+        users.users.iter().all(|u| u.len() < 1024),
+        "{:?}",
+        users.users.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transactions_nested_past_the_decoders_depth_are_invalid_arguments() {
     let c = Cluster::start(Options::default());
     let mut kv = c.kv(0).await;
