@@ -66,9 +66,10 @@ pub struct ServeArgs {
     )]
     pub initial_cluster_state: ClusterState,
 
-    /// Seed this member from a backup at this HTTP(S) URL (a presigned S3 URL, say) when it
-    /// forms a new cluster with an empty data directory; ignored otherwise. Every first member
-    /// of the cluster must get the same backup.
+    /// Seed this member from a backup at this HTTP(S) URL (a presigned S3 URL, say), or a
+    /// `file://` path (a backup on a mounted volume, read in place), when it forms a new
+    /// cluster with an empty data directory; ignored otherwise. Every first member of the
+    /// cluster must get the same backup.
     #[arg(long, env = "RAFTKV_RESTORE_FROM_URL", hide_env_values = true)]
     pub restore_from_url: Option<String>,
 

@@ -195,11 +195,25 @@ pub async fn restore_from_url_if_new(
         );
         return Ok(None);
     }
+    // A backup on a volume mounted into the member (the operator's PersistentVolumeClaim
+    // destination) is read where it is: no copy, but the same digest check.
+    let local = url.strip_prefix("file://").map(std::path::PathBuf::from);
     let parent = parent_dir(&args.data_dir)?;
-    let file = parent.join(format!(".restore-download-{:016x}", rand::random::<u64>()));
+    let file = match &local {
+        Some(path) => path.clone(),
+        None => parent.join(format!(".restore-download-{:016x}", rand::random::<u64>())),
+    };
     let result = async {
         let started = std::time::Instant::now();
-        let (bytes, digest) = download(url, &file).await?;
+        let (bytes, digest) = match &local {
+            Some(path) => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || digest_of(&path))
+                    .await
+                    .map_err(|e| NodeError::Config(format!("the digest task: {e}")))??
+            }
+            None => download(url, &file).await?,
+        };
         if let Some(want) = sha256
             && !want.eq_ignore_ascii_case(&digest)
         {
@@ -222,7 +236,9 @@ pub async fn restore_from_url_if_new(
             .map_err(|e| NodeError::Config(format!("the restore task: {e}")))?
     }
     .await;
-    let _ = std::fs::remove_file(&file);
+    if local.is_none() {
+        let _ = std::fs::remove_file(&file);
+    }
     let header = result?;
     tracing::info!(
         revision = header.revision,
@@ -230,6 +246,25 @@ pub async fn restore_from_url_if_new(
         "restored this member from the backup"
     );
     Ok(Some(header))
+}
+
+/// The size and hex SHA-256 of a local backup file.
+fn digest_of(path: &std::path::Path) -> Result<(u64, String), NodeError> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| io(path, e))?;
+    let mut hash = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok((bytes, hex::encode(hash.finalize())))
 }
 
 /// Streams `url` into `file` (owner-only), returning its size and hex SHA-256.
@@ -339,6 +374,31 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[tokio::test]
+    async fn a_backup_on_a_mounted_volume_is_checked_and_left_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let backup = dir.path().join("volume").join("kv-1.rkvbackup");
+        std::fs::create_dir_all(backup.parent().unwrap()).unwrap();
+        std::fs::write(&backup, b"not the backup the operator recorded").unwrap();
+        let url = format!("file://{}", backup.display());
+        let want = "0".repeat(64);
+        let err = restore_from_url_if_new(&url, Some(&want), &args(&data), true)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SHA-256") && err.contains("refusing"), "{err}");
+        // The volume's file is the backup itself, not a download: it stays; nothing was made.
+        assert!(backup.exists());
+        assert!(std::fs::read_dir(&data).map_or(true, |mut d| d.next().is_none()));
+        let missing = format!("file://{}", dir.path().join("gone").display());
+        let err = restore_from_url_if_new(&missing, None, &args(&data), true)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gone"), "{err}");
     }
 
     #[tokio::test]
