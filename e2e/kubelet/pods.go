@@ -51,6 +51,14 @@ type podRun struct {
 	lastProbe time.Time
 	failures  int32
 	reported  string
+	// done is set once a container that is not restarted (restartPolicy Never, or OnFailure
+	// after a clean exit) has exited: the pod has ended.
+	done *exitInfo
+}
+
+type exitInfo struct {
+	code    int
+	message string
 }
 
 func mustQuantity(s string) resource.Quantity { return resource.MustParse(s) }
@@ -191,9 +199,9 @@ func (k *kubelet) binary(image string) (string, bool) {
 
 func (k *kubelet) runPod(ctx context.Context, r *podRun) {
 	r.mu.Lock()
-	running := r.cmd != nil
+	running, ended := r.cmd != nil, r.done != nil
 	r.mu.Unlock()
-	if running || time.Now().Before(r.nextStart) {
+	if running || ended || time.Now().Before(r.nextStart) {
 		return
 	}
 	p := r.pod
@@ -236,6 +244,17 @@ func (k *kubelet) runPod(ctx context.Context, r *podRun) {
 		fmt.Fprintf(&script, "mkdir -p %q\nmount --bind %q %q\n", m[1], m[0], m[1])
 	}
 	fmt.Fprintf(&script, "mount --bind %q /etc/hosts\n", k.hostsDoc)
+	// The termination message file: one per pod, bind-mounted over the path the container
+	// writes (the kubelet reads it back when the container exits).
+	termLog := filepath.Join(r.dir, "termination-log")
+	if c.TerminationMessagePath != "" {
+		if err := os.MkdirAll(r.dir, 0o755); err == nil {
+			_ = os.WriteFile(termLog, nil, 0o666)
+			_ = os.Chmod(termLog, 0o666)
+		}
+		t := c.TerminationMessagePath
+		fmt.Fprintf(&script, "mkdir -p %q\n[ -e %q ] || touch %q\nmount --bind %q %q\n", filepath.Dir(t), t, t, termLog, t)
+	}
 	script.WriteString("exec \"$@\"\n")
 	logPath := filepath.Join(k.state, "logs", fmt.Sprintf("%s_%s_%s.log", p.Namespace, p.Name, p.UID))
 	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
@@ -265,7 +284,16 @@ func (k *kubelet) runPod(ctx context.Context, r *podRun) {
 		logFile.Close()
 		r.mu.Lock()
 		defer r.mu.Unlock()
-		if !r.stopping {
+		code := cmd.ProcessState.ExitCode()
+		policy := p.Spec.RestartPolicy
+		if !r.stopping && (policy == corev1.RestartPolicyNever || policy == corev1.RestartPolicyOnFailure && code == 0) {
+			msg, _ := os.ReadFile(termLog)
+			if len(msg) > 4096 {
+				msg = msg[:4096]
+			}
+			log.Printf("%s/%s ended with exit code %d", p.Namespace, p.Name, code)
+			r.done = &exitInfo{code: code, message: string(msg)}
+		} else if !r.stopping {
 			log.Printf("%s/%s exited: %v", p.Namespace, p.Name, err)
 			r.restarts++
 			backoff := time.Duration(1<<min(r.restarts, 5)) * time.Second
@@ -404,9 +432,9 @@ func httpProbe(c corev1.Container, p *corev1.Probe, ip string) bool {
 // report writes the pod's status when it changed.
 func (k *kubelet) report(ctx context.Context, r *podRun) {
 	r.mu.Lock()
-	running, ready, restarts, started := r.cmd != nil, r.ready, r.restarts, r.started
+	running, ready, restarts, started, done := r.cmd != nil, r.ready, r.restarts, r.started, r.done
 	r.mu.Unlock()
-	key := fmt.Sprintf("%v/%v/%d", running, ready, restarts)
+	key := fmt.Sprintf("%v/%v/%d/%v", running, ready, restarts, done != nil)
 	if key == r.reported {
 		return
 	}
@@ -439,9 +467,21 @@ func (k *kubelet) report(ctx context.Context, r *podRun) {
 		Name: c.Name, Image: c.Image, ImageID: "local://" + c.Image, Ready: ready,
 		RestartCount: restarts, Started: &running,
 	}
-	if running {
+	switch {
+	case done != nil:
+		reason := "Completed"
+		p.Status.Phase = corev1.PodSucceeded
+		if done.code != 0 {
+			reason = "Error"
+			p.Status.Phase = corev1.PodFailed
+		}
+		cstat.State.Terminated = &corev1.ContainerStateTerminated{
+			ExitCode: int32(done.code), Reason: reason, Message: done.message,
+			StartedAt: metav1.NewTime(started), FinishedAt: now,
+		}
+	case running:
 		cstat.State.Running = &corev1.ContainerStateRunning{StartedAt: metav1.NewTime(started)}
-	} else {
+	default:
 		cstat.State.Waiting = &corev1.ContainerStateWaiting{Reason: "ContainerCreating"}
 	}
 	p.Status.ContainerStatuses = []corev1.ContainerStatus{cstat}
