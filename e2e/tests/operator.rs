@@ -289,6 +289,7 @@ fn helm_install_runs_the_operator_under_its_own_rbac(env: &Env) {
         ("create", "secrets", true),
         ("update", "secrets", false),
         ("delete", "secrets", false),
+        ("create", "jobs.batch", true),
         ("delete", "kvclusters.raftkv.io", false),
         ("create", "clusterroles.rbac.authorization.k8s.io", false),
     ] {
@@ -602,6 +603,68 @@ fn phase(b: &Value) -> &str {
     b["status"]["phase"].as_str().unwrap_or_default()
 }
 
+/// An on-demand KVClusterBackup `name` of kv to `destination` (JSON).
+fn backup_of_kv(env: &Env, name: &str, destination: &str) {
+    env.cp
+        .apply(&format!(
+            r#"{{"apiVersion":"raftkv.io/v1alpha1","kind":"KVClusterBackup","metadata":{{"name":"{name}","namespace":"{NS}"}},"spec":{{"cluster":"kv","destination":{destination}}}}}"#
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Forms KVCluster `name` from `backup` (with kv's keyring), reads `key` from it, and deletes
+/// the cluster and its volumes again.
+fn restored_cluster_reads(env: &Env, name: &str, backup: &str, key: &str) -> Option<String> {
+    env.cp
+        .apply(&format!(
+            r#"{{"apiVersion":"raftkv.io/v1alpha1","kind":"KVCluster","metadata":{{"name":"{name}","namespace":"{NS}"}},"spec":{{"replicas":3,"version":"0.1.0","encryption":{{"keyringSecretName":"kv-keyring"}},"storage":{{"whenDeleted":"Delete"}},"restore":{{"backup":"{backup}"}}}}}}"#
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let eps = wait_for(
+        &format!("the cluster restored from {backup} to run"),
+        Duration::from_secs(180),
+        || {
+            let st = env.cp.json(&["get", "kvc", name, "-n", NS])["status"].clone();
+            if st["phase"] != "Running" || st["readyReplicas"] != 3 {
+                return Err(format!("status {st}"));
+            }
+            let selector = format!("app.kubernetes.io/instance={name}");
+            let pods = env.cp.json(&["get", "pods", "-n", NS, "-l", &selector]);
+            Ok(pods["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| Some(format!("http://{}:2379", p["status"]["podIP"].as_str()?)))
+                .collect::<Vec<_>>())
+        },
+    );
+    let restored = env.client_for(name, eps);
+    let got = env
+        .rt
+        .block_on(restored.get(key))
+        .expect("read from the restored cluster")
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+    drop(restored);
+    env.cp.k(&["delete", "kvc", name, "-n", NS, "--wait=true"]);
+    // Its volumes go with it (whenDeleted: Delete), so later scenarios count only kv's.
+    let selector = format!("app.kubernetes.io/instance={name}");
+    wait_for(
+        "the restored cluster's volumes to go",
+        Duration::from_secs(120),
+        || {
+            let _ = env
+                .cp
+                .kubectl(&["delete", "pvc", "-n", NS, "-l", &selector, "--wait=false"]);
+            let left = env.cp.json(&["get", "pvc", "-n", NS, "-l", &selector]);
+            match left["items"].as_array().map(Vec::len) {
+                Some(0) => Ok(()),
+                n => Err(format!("{n:?} left")),
+            }
+        },
+    );
+    got
+}
+
 fn backups_land_in_s3_on_schedule_verified_and_past_retention_deleted(env: &Env) {
     let s3 = start_s3(env);
     env.cp.k(&[
@@ -637,12 +700,7 @@ fn backups_land_in_s3_on_schedule_verified_and_past_retention_deleted(env: &Env)
     };
 
     // A wrongly signed upload is refused by the server, and the backup says why.
-    env.cp
-        .apply(&format!(
-            r#"{{"apiVersion":"raftkv.io/v1alpha1","kind":"KVClusterBackup","metadata":{{"name":"kv-wrong-key","namespace":"{NS}"}},"spec":{{"cluster":"kv","destination":{}}}}}"#,
-            destination("s3-wrong")
-        ))
-        .unwrap_or_else(|e| panic!("{e}"));
+    backup_of_kv(env, "kv-wrong-key", &destination("s3-wrong"));
     wait_for(
         "the wrongly signed backup to fail its attempt",
         Duration::from_secs(90),
@@ -675,12 +733,7 @@ fn backups_land_in_s3_on_schedule_verified_and_past_retention_deleted(env: &Env)
     env.cp.k(&["delete", "kvcb", "kv-wrong-key", "-n", NS]);
 
     // An on-demand backup: the object is a whole backup, the one its status describes.
-    env.cp
-        .apply(&format!(
-            r#"{{"apiVersion":"raftkv.io/v1alpha1","kind":"KVClusterBackup","metadata":{{"name":"kv-manual","namespace":"{NS}"}},"spec":{{"cluster":"kv","destination":{}}}}}"#,
-            destination("s3-creds")
-        ))
-        .unwrap_or_else(|e| panic!("{e}"));
+    backup_of_kv(env, "kv-manual", &destination("s3-creds"));
     let manual = wait_for(
         "the on-demand backup to succeed",
         Duration::from_secs(90),
@@ -727,72 +780,9 @@ fn backups_land_in_s3_on_schedule_verified_and_past_retention_deleted(env: &Env)
     check_object(&manual);
 
     // A new cluster formed from it holds the data (its values sealed with the source's keyring).
-    env.cp
-        .apply(&format!(
-            r#"{{"apiVersion":"raftkv.io/v1alpha1","kind":"KVCluster","metadata":{{"name":"kvr","namespace":"{NS}"}},"spec":{{"replicas":3,"version":"0.1.0","encryption":{{"keyringSecretName":"kv-keyring"}},"storage":{{"whenDeleted":"Delete"}},"restore":{{"backup":"kv-manual"}}}}}}"#
-        ))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let restored_eps = wait_for(
-        "the restored cluster to run",
-        Duration::from_secs(180),
-        || {
-            let kvr = env.cp.json(&["get", "kvc", "kvr", "-n", NS]);
-            let st = &kvr["status"];
-            if st["phase"] != "Running" || st["readyReplicas"] != 3 {
-                return Err(format!("status {st}"));
-            }
-            let pods = env.cp.json(&[
-                "get",
-                "pods",
-                "-n",
-                NS,
-                "-l",
-                "app.kubernetes.io/instance=kvr",
-            ]);
-            Ok(pods["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|p| Some(format!("http://{}:2379", p["status"]["podIP"].as_str()?)))
-                .collect::<Vec<_>>())
-        },
-    );
-    let restored = env.client_for("kvr", restored_eps);
-    let got = env
-        .rt
-        .block_on(restored.get("backup/before"))
-        .expect("read from the restored cluster")
-        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
-    assert_eq!(got.as_deref(), Some("in the backup"));
-    drop(restored);
-    env.cp.k(&["delete", "kvc", "kvr", "-n", NS, "--wait=true"]);
-    // Its volumes go with it (whenDeleted: Delete), so later scenarios count only kv's.
-    wait_for(
-        "the restored cluster's volumes to go",
-        Duration::from_secs(120),
-        || {
-            let _ = env.cp.kubectl(&[
-                "delete",
-                "pvc",
-                "-n",
-                NS,
-                "-l",
-                "app.kubernetes.io/instance=kvr",
-                "--wait=false",
-            ]);
-            let left = env.cp.json(&[
-                "get",
-                "pvc",
-                "-n",
-                NS,
-                "-l",
-                "app.kubernetes.io/instance=kvr",
-            ]);
-            match left["items"].as_array().map(Vec::len) {
-                Some(0) => Ok(()),
-                n => Err(format!("{n:?} left")),
-            }
-        },
+    assert_eq!(
+        restored_cluster_reads(env, "kvr", "kv-manual", "backup/before").as_deref(),
+        Some("in the backup")
     );
 
     // Every minute, keep one — first to a destination that refuses the operator's signature:
@@ -901,6 +891,143 @@ fn backups_land_in_s3_on_schedule_verified_and_past_retention_deleted(env: &Env)
                 .kubectl(&["delete", "kvcb", n, "-n", NS, "--wait=false"]);
         }
     }
+}
+
+/// The host directory behind a claim of the process kubelet (`<state>/node/volumes/<uid>`).
+fn claim_dir(env: &Env, claim: &str) -> std::path::PathBuf {
+    let uid = env.cp.json(&["get", "pvc", claim, "-n", NS])["metadata"]["uid"]
+        .as_str()
+        .expect("the claim's uid")
+        .to_string();
+    env.cp.dir.path().join("node").join("volumes").join(uid)
+}
+
+fn backups_land_on_a_volume_verified_pruned_and_restore_a_new_cluster(env: &Env) {
+    env.cp
+        .apply(&format!(
+            r#"{{"apiVersion":"v1","kind":"PersistentVolumeClaim","metadata":{{"name":"backups","namespace":"{NS}"}},"spec":{{"accessModes":["ReadWriteOnce"],"resources":{{"requests":{{"storage":"1Gi"}}}}}}}}"#
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = env.client(env.endpoints());
+    let rev = env
+        .rt
+        .block_on(client.set("volume/before", "on the volume"))
+        .expect("write before the backup");
+    let destination = |claim: &str| format!(r#"{{"pvc":{{"claimName":"{claim}"}}}}"#);
+
+    // A claim that does not exist: the backup says so, and an event does too.
+    backup_of_kv(env, "kv-no-claim", &destination("no-such-claim"));
+    wait_for(
+        "the backup to a missing claim to fail its attempt",
+        Duration::from_secs(60),
+        || {
+            let b = env.cp.json(&["get", "kvcb", "kv-no-claim", "-n", NS]);
+            let msg = b["status"]["message"].as_str().unwrap_or_default();
+            if b["status"]["attempts"].as_i64().unwrap_or(0) >= 1 && msg.contains("no-such-claim") {
+                Ok(())
+            } else {
+                Err(format!("status {}", b["status"]))
+            }
+        },
+    );
+    assert!(
+        env.events_about("KVClusterBackup")
+            .iter()
+            .any(|(reason, note)| reason == "BackupFailed" && note.contains("no-such-claim")),
+        "a BackupFailed event names the missing claim"
+    );
+    env.cp.k(&["delete", "kvcb", "kv-no-claim", "-n", NS]);
+
+    // Every minute, keep one, on the claim.
+    env.patch_spec(&format!(
+        r#"{{"backup":{{"schedule":"* * * * *","keep":1,"destination":{}}}}}"#,
+        destination("backups")
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let dir = claim_dir(env, "backups");
+    let check_file = |b: &Value| {
+        let st = &b["status"];
+        let name = b["metadata"]["name"].as_str().unwrap();
+        let rel = format!("{NS}/kv/{name}.rkvbackup");
+        assert_eq!(st["location"], format!("pvc://backups/{rel}"));
+        assert!(st["revision"].as_i64().unwrap() >= rev, "{st}");
+        let info = raftkv_client::backup::inspect(&dir.join(&rel)).expect("a whole backup file");
+        assert_eq!(Some(info.sha256.as_str()), st["sha256"].as_str());
+        assert_eq!(Some(info.bytes as i64), st["sizeBytes"].as_i64());
+        assert_eq!(Some(info.revision), st["revision"].as_i64());
+        dir.join(rel)
+    };
+    let first = wait_for(
+        "a scheduled backup to the claim to succeed",
+        Duration::from_secs(150),
+        || {
+            let all = backups(env);
+            if let Some(f) = all.iter().find(|b| phase(b) == "Failed") {
+                panic!("a backup to the claim failed: {}", f["status"]);
+            }
+            all.into_iter()
+                .find(|b| phase(b) == "Succeeded")
+                .ok_or_else(|| "no backup has succeeded yet".to_string())
+        },
+    );
+    let first_name = first["metadata"]["name"].as_str().unwrap().to_string();
+    let first_file = check_file(&first);
+
+    // The next one succeeds and the first goes, its file with it.
+    let newest = wait_for(
+        "the first backup on the claim to be deleted past retention",
+        Duration::from_secs(180),
+        || {
+            let all = backups(env);
+            let gone = !all
+                .iter()
+                .any(|b| b["metadata"]["name"] == first_name.as_str());
+            match all.into_iter().find(|b| phase(b) == "Succeeded") {
+                Some(b) if gone && !first_file.exists() => Ok(b),
+                _ => Err(format!(
+                    "{first_name} listed: {}, file there: {}",
+                    !gone,
+                    first_file.exists()
+                )),
+            }
+        },
+    );
+    check_file(&newest);
+    let newest_name = newest["metadata"]["name"].as_str().unwrap().to_string();
+    env.patch_spec(r#"{"backup":null}"#)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // A new cluster formed from the file on the claim holds the data.
+    assert_eq!(
+        restored_cluster_reads(env, "kvv", &newest_name, "volume/before").as_deref(),
+        Some("on the volume")
+    );
+
+    // Cleaned up, so later scenarios count only kv's claims.
+    for b in backups(env) {
+        if let Some(n) = b["metadata"]["name"].as_str() {
+            let _ = env
+                .cp
+                .kubectl(&["delete", "kvcb", n, "-n", NS, "--wait=false"]);
+        }
+    }
+    wait_for("the backup claim to go", Duration::from_secs(120), || {
+        let _ = env
+            .cp
+            .kubectl(&["delete", "pvc", "backups", "-n", NS, "--wait=false"]);
+        let left: Vec<String> = env.cp.json(&["get", "pvc", "-n", NS])["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["metadata"]["name"].as_str().map(String::from))
+            .filter(|n| !n.starts_with("data-kv-"))
+            .collect();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?} left"))
+        }
+    });
 }
 
 fn scaling_3_to_5_to_3_under_writes_loses_nothing(env: &Env) {
@@ -1184,7 +1311,7 @@ fn operator_end_to_end() {
         started.elapsed().as_secs_f64(),
         env.cp.logs_dir().display()
     );
-    let scenarios: [Scenario; 10] = [
+    let scenarios: [Scenario; 11] = [
         (
             "helm_install_runs_the_operator_under_its_own_rbac",
             helm_install_runs_the_operator_under_its_own_rbac,
@@ -1196,6 +1323,10 @@ fn operator_end_to_end() {
         (
             "backups_land_in_s3_on_schedule_verified_and_past_retention_deleted",
             backups_land_in_s3_on_schedule_verified_and_past_retention_deleted,
+        ),
+        (
+            "backups_land_on_a_volume_verified_pruned_and_restore_a_new_cluster",
+            backups_land_on_a_volume_verified_pruned_and_restore_a_new_cluster,
         ),
         (
             "scaling_3_to_5_to_3_under_writes_loses_nothing",

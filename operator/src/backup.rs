@@ -1,21 +1,25 @@
 //! Backups: the `KVClusterBackup` controller, which streams one backup from a cluster through
-//! the public API (`Maintenance.Snapshot`) into an S3 object, checking it on the way; and the
+//! the public API (`Maintenance.Snapshot`) into an S3 object, checking it on the way (or has a
+//! Job write it to a PersistentVolumeClaim, see `volume`); and the
 //! schedule a KVCluster's `spec.backup` asks for, which creates those objects when due and
 //! deletes the ones past retention (with their S3 objects).
 
 use crate::controller::{Context, MANAGER, apply_status, connect_cluster};
 use crate::crd::{
     BackupDestination, BackupScheduleStatus, KVCluster, KVClusterBackup, KVClusterBackupSpec,
-    KVClusterBackupStatus, KVClusterStatus,
+    KVClusterBackupStatus, KVClusterStatus, PvcDestination,
 };
 use crate::cron::Schedule;
 use crate::s3::{self, Bucket};
+use crate::volume;
 use crate::{Error, Result};
 use bytes::Bytes;
 use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::watcher;
@@ -45,7 +49,16 @@ pub async fn run(
         None => Api::all(ctx.client.clone()),
     };
     // Each running backup holds a part (16-32 MiB) in memory: at most two at once.
+    let jobs: Api<Job> = match &namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
     Controller::new(api, watcher::Config::default())
+        // A backup written to a claim moves on when its Job ends.
+        .owns(
+            jobs,
+            watcher::Config::default().labels(volume::BACKUP_LABEL),
+        )
         .with_config(kube::runtime::controller::Config::default().concurrency(2))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -84,7 +97,8 @@ async fn reconcile(b: Arc<KVClusterBackup>, ctx: Arc<Context>) -> Result<Action>
         return Ok(Action::await_change());
     }
     let mut status = b.status.clone().unwrap_or_default();
-    if status.phase.as_deref() == Some("Running") {
+    let on_volume = b.spec.destination.pvc.is_some();
+    if status.phase.as_deref() == Some("Running") && !on_volume {
         // Reconciles of one object never overlap, so a backup found Running was cut off: the
         // operator restarted mid-upload. That counts as an attempt, or a crash loop would
         // retry it forever.
@@ -137,19 +151,39 @@ async fn attempt(
 ) -> Result<Action> {
     let ns = b.namespace().unwrap_or_else(|| "default".into());
     let key = object_key(&b.spec.destination, &ns, &b.spec.cluster, &b.name_any());
-    status.phase = Some("Running".into());
-    status.message = Some(format!(
-        "streaming to {}",
-        location(&b.spec.destination, &key)
-    ));
-    status.start_time = Some(Timestamp::now().to_string());
-    status.next_attempt_time = None;
-    apply_status(&ctx.client, b, &status).await?;
-    let started = Instant::now();
+    let (result, secs) = if let Some(pvc) = &b.spec.destination.pvc {
+        // Written by a Job: this reconcile starts it or reads how it ended.
+        match on_volume(b, kvc, ctx, &mut status, pvc, &key).await? {
+            None => return Ok(Action::requeue(Duration::from_secs(10))),
+            Some(result) => {
+                let started = status
+                    .start_time
+                    .as_deref()
+                    .and_then(|t| t.parse::<Timestamp>().ok())
+                    .unwrap_or_else(Timestamp::now);
+                let secs = Timestamp::now()
+                    .duration_since(started)
+                    .as_secs_f64()
+                    .max(0.0);
+                (result, secs)
+            }
+        }
+    } else {
+        status.phase = Some("Running".into());
+        status.message = Some(format!(
+            "streaming to {}",
+            location(&b.spec.destination, &key)
+        ));
+        status.start_time = Some(Timestamp::now().to_string());
+        status.next_attempt_time = None;
+        apply_status(&ctx.client, b, &status).await?;
+        let started = Instant::now();
+        let result = take(b, kvc, ctx, &ns, &key).await;
+        (result, started.elapsed().as_secs_f64())
+    };
     let labels = [ns.as_str(), b.spec.cluster.as_str()];
-    match take(b, kvc, ctx, &ns, &key).await {
+    match result {
         Ok(done) => {
-            let secs = started.elapsed().as_secs_f64();
             ctx.metrics.backups.with_label_values(&["succeeded"]).inc();
             ctx.metrics.backup_duration.observe(secs);
             ctx.metrics
@@ -213,11 +247,108 @@ async fn attempt(
     }
 }
 
-struct Done {
-    location: String,
-    revision: i64,
-    bytes: u64,
-    sha256: String,
+#[derive(Debug)]
+pub(crate) struct Done {
+    pub location: String,
+    pub revision: i64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// One step of a backup written to a claim by a Job: starts the attempt's Job (with a token
+/// Secret of its own) when there is none, and once the Job has ended returns its result.
+/// `None` while it runs.
+async fn on_volume(
+    b: &KVClusterBackup,
+    kvc: &KVCluster,
+    ctx: &Context,
+    status: &mut KVClusterBackupStatus,
+    dest: &PvcDestination,
+    rel: &str,
+) -> Result<Option<Result<Done, String>>> {
+    let ns = b.namespace().unwrap_or_else(|| "default".into());
+    let attempt = status.attempts + 1;
+    let name = volume::job_name(&b.name_any(), "save", attempt);
+    let token_secret = format!("{name}-token");
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let location = location(&b.spec.destination, rel);
+    let Some(job) = jobs.get_opt(&name).await? else {
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+        if claims.get_opt(&dest.claim_name).await?.is_none() {
+            return Ok(Some(Err(format!(
+                "the PersistentVolumeClaim {:?} does not exist in namespace {ns}",
+                dest.claim_name
+            ))));
+        }
+        let conn = match crate::controller::job_connection(
+            kvc,
+            ctx,
+            Duration::from_secs(volume::SAVE_DEADLINE_SECS as u64 + 600),
+        )
+        .await
+        {
+            Ok(Some(c)) => c,
+            Ok(None) => return Ok(Some(Err("the cluster has no running members".into()))),
+            Err(e) => return Ok(Some(Err(format!("connecting to the cluster: {e}")))),
+        };
+        let job = volume::save_job(
+            b,
+            dest,
+            rel,
+            &ctx.job_image,
+            &conn.job,
+            &token_secret,
+            attempt,
+        );
+        let job = match jobs.create(&PostParams::default(), &job).await {
+            Ok(j) => j,
+            Err(kube::Error::Api(e)) if e.code == 409 => jobs.get(&name).await?,
+            Err(e) => return Err(e.into()),
+        };
+        ensure_token(&secrets, &job, &token_secret, conn.token).await?;
+        status.phase = Some("Running".into());
+        status.message = Some(format!("Job {name} is writing {location}"));
+        status.start_time = Some(Timestamp::now().to_string());
+        status.next_attempt_time = None;
+        apply_status(&ctx.client, b, status).await?;
+        return Ok(None);
+    };
+    let Some(ok) = volume::finished(&job) else {
+        // An operator stopped between creating the Job and its token leaves a Job waiting
+        // for it: give it one.
+        if secrets.get_opt(&token_secret).await?.is_none()
+            && let Ok(Some(access)) = crate::controller::job_connection(
+                kvc,
+                ctx,
+                Duration::from_secs(volume::SAVE_DEADLINE_SECS as u64 + 600),
+            )
+            .await
+        {
+            ensure_token(&secrets, &job, &token_secret, access.token).await?;
+        }
+        return Ok(None);
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let outcome = pods
+        .list(&ListParams::default().labels(&format!("job-name={name}")))
+        .await?
+        .items
+        .iter()
+        .find_map(volume::outcome_of);
+    // The Job has said what it had to: it goes, and with it (owned by it) its pod and the
+    // Secret holding its root token. Its outcome is in the backup's status and events.
+    if let Err(e) = jobs.delete(&name, &DeleteParams::background()).await
+        && !matches!(&e, kube::Error::Api(s) if s.code == 404)
+    {
+        tracing::warn!(job = %name, error = %e, "deleting a finished backup Job");
+    }
+    // A failed Job's own message says more than the Job's condition, when it wrote one.
+    Ok(Some(match outcome {
+        Some(o) if ok || o.error.is_some() => volume::done(o, location),
+        None if ok => Err(format!("Job {name} ended without reporting its backup")),
+        _ => Err(volume::failure_reason(&job)),
+    }))
 }
 
 /// Streams the backup into the object, part by part, and completes the upload only once the
@@ -331,13 +462,23 @@ async fn upload_part(
     Ok(())
 }
 
-/// `<prefix><namespace>/<cluster>/<backup>.rkvbackup`
+/// `<prefix><namespace>/<cluster>/<backup>.rkvbackup`: the object's key in the bucket, or
+/// the file's path on the claim.
 pub fn object_key(dest: &BackupDestination, ns: &str, cluster: &str, backup: &str) -> String {
-    format!("{}{ns}/{cluster}/{backup}.rkvbackup", dest.s3.prefix)
+    let prefix = match (&dest.s3, &dest.pvc) {
+        (Some(s3), _) => s3.prefix.as_str(),
+        (None, Some(pvc)) => pvc.prefix.as_str(),
+        (None, None) => "",
+    };
+    format!("{prefix}{ns}/{cluster}/{backup}.rkvbackup")
 }
 
 fn location(dest: &BackupDestination, key: &str) -> String {
-    format!("s3://{}/{key}", dest.s3.bucket)
+    match (&dest.s3, &dest.pvc) {
+        (Some(s3), _) => format!("s3://{}/{key}", s3.bucket),
+        (None, Some(pvc)) => format!("pvc://{}/{key}", pvc.claim_name),
+        (None, None) => key.to_string(),
+    }
 }
 
 /// The bucket a destination names, with credentials (and CA) from its Secrets.
@@ -347,7 +488,10 @@ pub async fn open_bucket(
     dest: &BackupDestination,
 ) -> Result<Bucket, String> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let s3 = &dest.s3;
+    let s3 = dest
+        .s3
+        .as_ref()
+        .ok_or("the destination is not an S3 bucket")?;
     let creds = secrets
         .get(&s3.credentials_secret_name)
         .await
@@ -581,14 +725,34 @@ pub async fn schedule(
     Ok(next.map(|n| Duration::from_secs_f64(n.duration_since(now).as_secs_f64().max(1.0))))
 }
 
-/// Deletes a backup's object (if it made one), then the backup.
+/// The Secret with a save Job's root token, owned by the Job so it goes when the Job does.
+async fn ensure_token(secrets: &Api<Secret>, job: &Job, name: &str, token: String) -> Result<()> {
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: job.namespace(),
+            owner_references: job.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(volume::TOKEN_KEY.to_string(), token)])),
+        ..Default::default()
+    };
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes a backup's object or file (if it made one), then the backup; `false` while a
+/// file's deletion is still under way.
 async fn delete_backup(
     api: &Api<KVClusterBackup>,
     ctx: &Context,
     ns: &str,
     old: &KVClusterBackup,
     has_object: bool,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     if has_object {
         let key = object_key(
             &old.spec.destination,
@@ -596,16 +760,54 @@ async fn delete_backup(
             &old.spec.cluster,
             &old.name_any(),
         );
-        let bucket = open_bucket(&ctx.client, ns, &old.spec.destination).await?;
-        bucket
-            .delete_object(&key)
-            .await
-            .map_err(|e| e.to_string())?;
+        if let Some(pvc) = &old.spec.destination.pvc {
+            if !delete_file(ctx, ns, old, pvc, &key).await? {
+                return Ok(false);
+            }
+        } else {
+            let bucket = open_bucket(&ctx.client, ns, &old.spec.destination).await?;
+            bucket
+                .delete_object(&key)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
     }
     match api.delete(&old.name_any(), &DeleteParams::default()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(true),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Deletes a backup's file from its claim with a Job: `true` once it is gone, `false` while
+/// the Job runs. A failed Job is started again on a later pass.
+async fn delete_file(
+    ctx: &Context,
+    ns: &str,
+    old: &KVClusterBackup,
+    dest: &PvcDestination,
+    rel: &str,
+) -> Result<bool, String> {
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    let job = volume::delete_job(old, dest, rel, &ctx.job_image);
+    let name = job.metadata.name.clone().unwrap_or_default();
+    match jobs.get_opt(&name).await.map_err(|e| e.to_string())? {
+        None => {
+            jobs.create(&PostParams::default(), &job)
+                .await
+                .map_err(|e| format!("creating Job {name}: {e}"))?;
+            Ok(false)
+        }
+        Some(j) => match volume::finished(&j) {
+            None => Ok(false),
+            Some(true) => Ok(true),
+            Some(false) => {
+                let why = volume::failure_reason(&j);
+                let dp = DeleteParams::background();
+                jobs.delete(&name, &dp).await.map_err(|e| e.to_string())?;
+                Err(why)
+            }
+        },
     }
 }
 
@@ -694,11 +896,17 @@ async fn prune(
         }
         // One backup that cannot be deleted (its credentials Secret gone, the bucket down)
         // must not stop retention for the others, nor the status being written.
-        if let Err(why) = delete_backup(api, ctx, ns, old, phase(old) == "Succeeded").await {
-            tracing::warn!(cluster, backup = %old.name_any(), error = %why, "deleting a backup past retention");
-            continue;
+        match delete_backup(api, ctx, ns, old, phase(old) == "Succeeded").await {
+            Err(why) => {
+                tracing::warn!(cluster, backup = %old.name_any(), error = %why, "deleting a backup past retention");
+            }
+            Ok(false) => {
+                tracing::debug!(cluster, backup = %old.name_any(), "deleting a backup past retention: its file is being deleted");
+            }
+            Ok(true) => {
+                tracing::info!(cluster, backup = %old.name_any(), "deleted a backup past retention");
+            }
         }
-        tracing::info!(cluster, backup = %old.name_any(), "deleted a backup past retention");
     }
     Ok(())
 }

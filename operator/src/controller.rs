@@ -43,6 +43,8 @@ pub struct Context {
     monitoring: tokio::sync::Mutex<Option<(Instant, bool)>>,
     /// Consecutive failures per cluster, for backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// The image the operator's Jobs run (its own: backups to a claim).
+    pub job_image: String,
 }
 
 impl Context {
@@ -60,7 +62,14 @@ impl Context {
             metrics,
             monitoring: tokio::sync::Mutex::new(None),
             failures: Mutex::new(HashMap::new()),
+            job_image: format!("raftkv-operator:{}", env!("CARGO_PKG_VERSION")),
         }
+    }
+
+    /// Runs the operator's Jobs with `image` (the one the operator's own pod runs).
+    pub fn with_job_image(mut self, image: String) -> Context {
+        self.job_image = image;
+        self
     }
 
     async fn has_service_monitors(&self) -> bool {
@@ -311,6 +320,39 @@ pub(crate) async fn connect_cluster(kvc: &KVCluster, ctx: &Context) -> Result<Op
     let r = Reconciler::new(kvc, ctx);
     let pods = r.pods().await?;
     r.connect(&pods).await
+}
+
+/// What a Job needs to reach a cluster as the operator does: the members' client URLs, the
+/// client TLS Secret to mount, and a root token living `ttl`; `None` when no member runs.
+pub(crate) struct JobAccess {
+    pub token: String,
+    pub job: crate::volume::JobConnection,
+}
+
+pub(crate) async fn job_connection(
+    kvc: &KVCluster,
+    ctx: &Context,
+    ttl: Duration,
+) -> Result<Option<JobAccess>> {
+    let r = Reconciler::new(kvc, ctx);
+    let pods = r.pods().await?;
+    let tls_secret = kvc
+        .spec
+        .tls
+        .as_ref()
+        .and_then(|t| t.client_secret_name.clone());
+    let endpoints = r.endpoints(&pods, tls_secret.is_some());
+    if endpoints.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(JobAccess {
+        token: raft::root_token_for(&r.signing_key().await?, ttl)?,
+        job: crate::volume::JobConnection {
+            endpoints,
+            tls_secret,
+            domain: r.names.pod_host(0),
+        },
+    }))
 }
 
 /// One reconcile of one cluster.
@@ -603,18 +645,25 @@ impl<'a> Reconciler<'a> {
             .sha256
             .clone()
             .ok_or_else(|| not_ready("the backup records no SHA-256".into()))?;
-        let bucket = crate::backup::open_bucket(&self.ctx.client, &self.ns, &b.spec.destination)
-            .await
-            .map_err(not_ready)?;
         let key = crate::backup::object_key(
             &b.spec.destination,
             &self.ns,
             &b.spec.cluster,
             &b.name_any(),
         );
-        // S3's longest: a cluster that has not formed within a week needs re-creating.
-        let url = bucket.presign_get(&key, Duration::from_secs(7 * 24 * 3600));
-        let secret = secrets::restore(self.kvc, url, sha256);
+        let secret = if let Some(pvc) = &b.spec.destination.pvc {
+            // The first members mount the claim read-only and restore from the file there.
+            let url = format!("file://{}/{key}", crate::volume::RESTORE_MOUNT);
+            secrets::restore(self.kvc, url, sha256, Some(pvc.claim_name.clone()))
+        } else {
+            let bucket =
+                crate::backup::open_bucket(&self.ctx.client, &self.ns, &b.spec.destination)
+                    .await
+                    .map_err(not_ready)?;
+            // S3's longest: a cluster that has not formed within a week needs re-creating.
+            let url = bucket.presign_get(&key, Duration::from_secs(7 * 24 * 3600));
+            secrets::restore(self.kvc, url, sha256, None)
+        };
         self.create_secret(
             &secrets,
             &secret,
@@ -688,6 +737,17 @@ impl<'a> Reconciler<'a> {
                 tracing::warn!(cluster = %key(self.kvc), "storage.size changed; existing volumes keep their size");
             }
             spec.volume_claim_templates = cur.volume_claim_templates.clone();
+        }
+        // A restore from a claim mounts it; the Secret is written once, so the pod template
+        // stays the same for the cluster's life.
+        if self.kvc.spec.restore.is_some()
+            && let Some(s) = self
+                .api::<Secret>()
+                .get_opt(&self.names.restore_secret())
+                .await?
+            && let Some(claim) = secret_field(&s, secrets::RESTORE_CLAIM_KEY)
+        {
+            statefulset::mount_restore_claim(&mut sts, &String::from_utf8_lossy(&claim));
         }
         apply(&self.api::<StatefulSet>(), &sts).await?;
         Ok(())
@@ -763,15 +823,19 @@ impl<'a> Reconciler<'a> {
         }))
     }
 
-    async fn connect(&self, pods: &[Pod]) -> Result<Option<Cluster>> {
-        let tls = self.client_tls().await?;
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let endpoints: Vec<String> = pods
-            .iter()
+    /// The client URLs of the running members.
+    fn endpoints(&self, pods: &[Pod], tls: bool) -> Vec<String> {
+        let scheme = if tls { "https" } else { "http" };
+        pods.iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
             .map(|ip| format!("{scheme}://{ip}:{CLIENT_PORT}"))
-            .collect();
+            .collect()
+    }
+
+    async fn connect(&self, pods: &[Pod]) -> Result<Option<Cluster>> {
+        let tls = self.client_tls().await?;
+        let endpoints = self.endpoints(pods, tls.is_some());
         if endpoints.is_empty() {
             return Ok(None);
         }

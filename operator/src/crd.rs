@@ -335,11 +335,30 @@ fn default_keep() -> i32 {
     7
 }
 
-/// Where a backup goes.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+/// Where a backup goes: an S3 bucket, or a PersistentVolumeClaim.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.s3) != has(self.pvc)").message("destination must name exactly one of s3 or pvc"))]
 pub struct BackupDestination {
-    pub s3: S3Destination,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Destination>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<PvcDestination>,
+}
+
+/// A PersistentVolumeClaim in the cluster's namespace. Each backup is written by a Job that
+/// mounts the claim (so it must be mountable by one more pod: ReadWriteMany, or
+/// ReadWriteOnce on the node the Job lands on); a restore mounts it read-only in the new
+/// cluster's first members.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcDestination {
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$')").message("claimName must be a PersistentVolumeClaim name"))]
+    pub claim_name: String,
+    /// Files are named `<prefix><namespace>/<cluster>/<backup>.rkvbackup` on the volume.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..') && self.matches('^[A-Za-z0-9_./-]*$')").message("prefix must be a relative path prefix: letters, digits and _./-, no leading '/' and no '..'"))]
+    pub prefix: String,
 }
 
 /// An S3 bucket (AWS, or any server speaking the S3 API).
@@ -428,7 +447,7 @@ pub struct KVClusterBackupStatus {
     pub phase: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// Where the backup is, `s3://<bucket>/<key>`.
+    /// Where the backup is: `s3://<bucket>/<key>`, or `pvc://<claim>/<path>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
     /// The store revision the backup holds.

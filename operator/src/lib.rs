@@ -12,6 +12,7 @@ pub mod raft;
 pub mod resources;
 pub mod s3;
 pub mod telemetry;
+pub mod volume;
 
 /// Everything a reconcile can fail with.
 #[derive(Debug, thiserror::Error)]

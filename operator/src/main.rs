@@ -1,11 +1,11 @@
-//! `raftkv-operator`: runs the KVCluster controller (`run`, the default) or prints the CRD
-//! (`crd`).
+//! `raftkv-operator`: runs the KVCluster controller (`run`, the default), prints the CRD
+//! (`crd`), or does a backup Job's work (`backup-save`, `backup-delete`).
 
 use anyhow::Context as _;
 use axum::Router;
 use axum::routing::get;
 use clap::{Parser, Subcommand};
-use raftkv_operator::{controller, crd, leader::LeaseLock, metrics::Metrics, telemetry};
+use raftkv_operator::{controller, crd, leader::LeaseLock, metrics::Metrics, telemetry, volume};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -34,6 +34,10 @@ enum Cmd {
         #[arg(long)]
         backup: bool,
     },
+    /// Stream a backup into a file on a mounted claim (what a backup Job runs).
+    BackupSave(volume::SaveArgs),
+    /// Delete a backup file from a mounted claim (what a retention Job runs).
+    BackupDelete(volume::DeleteArgs),
 }
 
 #[derive(clap::Args)]
@@ -66,6 +70,10 @@ struct RunArgs {
     /// Log as JSON lines.
     #[arg(long, env = "RAFTKV_OPERATOR_LOG_JSON")]
     log_json: bool,
+    /// The image of the Jobs that write backups to PersistentVolumeClaims: this operator's own
+    /// (the chart sets it); default `raftkv-operator:<version>`.
+    #[arg(long, env = "RAFTKV_OPERATOR_IMAGE")]
+    job_image: Option<String>,
 }
 
 #[tokio::main]
@@ -80,6 +88,22 @@ async fn main() -> anyhow::Result<()> {
             };
             print!("{}", yaml.context("rendering the CRD")?);
             Ok(())
+        }
+        Some(Cmd::BackupSave(args)) => {
+            telemetry::init(false);
+            if volume::save(args).await {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
+        Some(Cmd::BackupDelete(args)) => {
+            telemetry::init(false);
+            if volume::delete(args) {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
         }
         Some(Cmd::Run(args)) => run(args).await,
         None => run(cli.run).await,
@@ -167,11 +191,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.leader.set(1);
     }
 
-    let ctx = Arc::new(controller::Context::new(
-        client.clone(),
-        metrics.clone(),
-        identity,
-    ));
+    let mut ctx = controller::Context::new(client.clone(), metrics.clone(), identity);
+    if let Some(image) = args.job_image.clone() {
+        ctx = ctx.with_job_image(image);
+    }
+    let ctx = Arc::new(ctx);
     let lost = Arc::new(tokio::sync::Notify::new());
     let stop = {
         let lost = lost.clone();

@@ -24,6 +24,11 @@ pub struct SigningKey {
 
 /// Signs a token for the `root` role (membership changes need it).
 pub fn root_token(key: &SigningKey) -> Result<String> {
+    root_token_for(key, TOKEN_TTL)
+}
+
+/// A root token living `ttl` (a backup Job's, for as long as the Job may run).
+pub fn root_token_for(key: &SigningKey, ttl: Duration) -> Result<String> {
     let signer = match key.algorithm {
         JwtAlgorithm::HS256 => Ok(token::SigningKey::hs256(&key.material)),
         JwtAlgorithm::RS256 => token::SigningKey::rs256(&key.material),
@@ -33,7 +38,7 @@ pub fn root_token(key: &SigningKey) -> Result<String> {
     let claims = TokenClaims {
         subject: "raftkv-operator",
         roles: &["root".to_string()],
-        ttl: TOKEN_TTL,
+        ttl,
         issuer: key.issuer.as_deref(),
         audience: key.audience.as_deref(),
     };

@@ -171,20 +171,22 @@ pub fn root_password(kvc: &KVCluster) -> Secret {
     s
 }
 
-/// Keys of the restore Secret: a presigned URL of the backup, and its SHA-256.
+/// Keys of the restore Secret: where the backup is (a presigned URL, or a `file://` path on
+/// a claim the first members mount), its SHA-256, and that claim's name.
 pub const RESTORE_URL_KEY: &str = "url";
 pub const RESTORE_SHA256_KEY: &str = "sha256";
+pub const RESTORE_CLAIM_KEY: &str = "claim";
 
-/// The download the first members of a restored cluster make.
-pub fn restore(kvc: &KVCluster, url: String, sha256: String) -> Secret {
-    secret(
-        kvc,
-        Names::of(kvc).restore_secret(),
-        BTreeMap::from([
-            (RESTORE_URL_KEY.to_string(), url),
-            (RESTORE_SHA256_KEY.to_string(), sha256),
-        ]),
-    )
+/// Where the first members of a restored cluster take the backup from.
+pub fn restore(kvc: &KVCluster, url: String, sha256: String, claim: Option<String>) -> Secret {
+    let mut data = BTreeMap::from([
+        (RESTORE_URL_KEY.to_string(), url),
+        (RESTORE_SHA256_KEY.to_string(), sha256),
+    ]);
+    if let Some(c) = claim {
+        data.insert(RESTORE_CLAIM_KEY.to_string(), c);
+    }
+    secret(kvc, Names::of(kvc).restore_secret(), data)
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ fn env_field(name: &str, path: &str) -> EnvVar {
     }
 }
 
-fn secret_volume(name: &str, secret: &str) -> Volume {
+pub fn secret_volume(name: &str, secret: &str) -> Volume {
     Volume {
         name: name.into(),
         secret: Some(SecretVolumeSource {
@@ -47,7 +47,7 @@ fn secret_volume(name: &str, secret: &str) -> Volume {
     }
 }
 
-fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+pub fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     VolumeMount {
         name: name.into(),
         mount_path: path.into(),
@@ -72,6 +72,21 @@ fn http_probe(path: &str, period: i32, failures: i32, initial: i32) -> Probe {
 }
 
 /// The container's security context of the restricted profile.
+/// The restricted profile's pod half: a non-root user whose group owns the volumes.
+pub fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS),
+        run_as_group: Some(RUN_AS),
+        fs_group: Some(RUN_AS),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 pub fn container_security() -> SecurityContext {
     SecurityContext {
         run_as_non_root: Some(true),
@@ -123,6 +138,35 @@ fn retention(p: RetentionPolicy) -> String {
 
 pub fn image(kvc: &KVCluster) -> String {
     format!("{}:{}", kvc.spec.image, kvc.spec.version)
+}
+
+pub fn claim_volume(name: &str, claim: &str, read_only: bool) -> Volume {
+    Volume {
+        name: name.into(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: claim.into(),
+            read_only: Some(read_only),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Mounts the claim a restore reads its backup from, read-only, into every member (only the
+/// first ones use it: later members ignore the restore).
+pub fn mount_restore_claim(sts: &mut StatefulSet, claim: &str) {
+    let Some(pod) = sts.spec.as_mut().and_then(|s| s.template.spec.as_mut()) else {
+        return;
+    };
+    pod.volumes
+        .get_or_insert_with(Vec::new)
+        .push(claim_volume("restore", claim, true));
+    for c in &mut pod.containers {
+        c.volume_mounts.get_or_insert_with(Vec::new).push(mount(
+            "restore",
+            crate::volume::RESTORE_MOUNT,
+            true,
+        ));
+    }
 }
 
 /// The StatefulSet with `replicas` pods.
@@ -328,17 +372,7 @@ pub fn statefulset(kvc: &KVCluster, replicas: i32) -> StatefulSet {
         spec: Some(PodSpec {
             containers: vec![container],
             volumes: Some(volumes),
-            security_context: Some(PodSecurityContext {
-                run_as_non_root: Some(true),
-                run_as_user: Some(RUN_AS),
-                run_as_group: Some(RUN_AS),
-                fs_group: Some(RUN_AS),
-                seccomp_profile: Some(SeccompProfile {
-                    type_: "RuntimeDefault".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
+            security_context: Some(pod_security()),
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
             termination_grace_period_seconds: Some(30),
@@ -408,6 +442,33 @@ pub fn statefulset(kvc: &KVCluster, replicas: i32) -> StatefulSet {
 mod tests {
     use super::*;
     use crate::resources::testing::cluster;
+
+    #[test]
+    fn a_restore_from_a_claim_mounts_it_read_only() {
+        let mut sts = statefulset(&cluster(3), 3);
+        mount_restore_claim(&mut sts, "backups");
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        let v = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "restore")
+            .unwrap();
+        let claim = v.persistent_volume_claim.unwrap();
+        assert_eq!(
+            (claim.claim_name.as_str(), claim.read_only),
+            ("backups", Some(true))
+        );
+        let m = pod.containers[0]
+            .volume_mounts
+            .clone()
+            .unwrap()
+            .into_iter()
+            .find(|m| m.name == "restore")
+            .unwrap();
+        assert_eq!(m.mount_path, crate::volume::RESTORE_MOUNT);
+        assert_eq!(m.read_only, Some(true));
+    }
 
     #[test]
     fn members_run_restricted_and_probed() {
