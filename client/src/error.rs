@@ -18,6 +18,9 @@ pub enum Error {
     /// The server refused the request (bad input, permission, compacted revision, ...).
     #[error("{message}")]
     Server { code: tonic::Code, message: String },
+    /// Where a backup was to go (an S3 bucket) refused it or could not be reached.
+    #[error("backup destination: {0}")]
+    Destination(String),
 }
 
 impl Error {

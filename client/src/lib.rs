@@ -18,6 +18,7 @@
 pub mod backup;
 mod balancer;
 mod error;
+pub mod s3;
 pub mod token;
 pub mod txn;
 

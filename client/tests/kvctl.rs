@@ -226,3 +226,97 @@ fn errors_are_one_line_with_non_zero_exits() {
     let o = kvctl(&c, &["put", "only-a-key"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// e2e/s3server (built by `e2e/cluster.sh build`, on PATH via scripts/lib.sh): gofakes3 behind
+/// a check of every request's SigV4 signature; stopped when dropped.
+struct S3Server(std::process::Child, u16);
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn backups_go_straight_into_s3_checked_and_whole() {
+    let c = Cluster::start(Options::default());
+    let port = free_port();
+    let s3 = S3Server(
+        Command::new("e2e-s3")
+            .args(["--addr", &format!("127.0.0.1:{port}")])
+            .args(["--access-key", "AK-kvctl", "--secret-key", "SK-kvctl-0123"])
+            .args(["--bucket", "backups"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("e2e-s3 (built by `bash e2e/cluster.sh build`) on PATH"),
+        port,
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", s3.1)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the S3 server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let endpoint = format!("http://127.0.0.1:{}", s3.1);
+    ok(&kvctl(&c, &["put", "s3/k", "in the backup"]));
+    let save = |secret: &str, target: &str| {
+        let mut cmd = Command::new(workspace_bin("kvctl"));
+        cmd.env("RAFTKV_ENDPOINTS", c.endpoints().join(","))
+            .env("RAFTKV_TOKEN", &c.token)
+            .env("AWS_ACCESS_KEY_ID", "AK-kvctl")
+            .env("AWS_SECRET_ACCESS_KEY", secret)
+            .args(["-o", "json", "backup", "save", target])
+            .args(["--s3-endpoint", &endpoint]);
+        cmd.output().unwrap()
+    };
+
+    // A prefix gets a name of its own; the object is the whole backup kvctl reports.
+    let b = json(&save("SK-kvctl-0123", "s3://backups/nightly/"));
+    let location = b["file"].as_str().unwrap().to_string();
+    let key = location
+        .strip_prefix("s3://backups/")
+        .expect("an s3 location")
+        .to_string();
+    assert!(
+        key.starts_with("nightly/raftkv-") && key.ends_with(".rkvbackup"),
+        "{key}"
+    );
+    let bucket = raftkv_client::s3::Bucket::new(
+        &endpoint,
+        "backups",
+        "us-east-1",
+        true,
+        "AK-kvctl",
+        "SK-kvctl-0123",
+        None,
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let body = rt
+        .block_on(bucket.get_object(&key, 64 << 20))
+        .expect("the backup object");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("from-s3.rkvbackup");
+    std::fs::write(&file, &body).unwrap();
+    let info = raftkv_client::backup::inspect(&file).expect("a whole backup");
+    assert_eq!(Some(info.sha256.as_str()), b["sha256"].as_str());
+    assert_eq!(Some(info.revision), b["revision"].as_i64());
+
+    // Refused credentials: one line saying so, a failing exit, and no object under the key.
+    let o = save("not-the-secret", "s3://backups/refused.rkvbackup");
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("kvctl: backup destination:") && err.contains("SignatureDoesNotMatch"),
+        "{err}"
+    );
+    assert!(
+        rt.block_on(bucket.get_object("refused.rkvbackup", 1 << 20))
+            .is_err()
+    );
+}

@@ -10,10 +10,8 @@ use crate::crd::{
     KVClusterBackupStatus, KVClusterStatus, PvcDestination,
 };
 use crate::cron::Schedule;
-use crate::s3::{self, Bucket};
 use crate::volume;
 use crate::{Error, Result};
-use bytes::Bytes;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
@@ -24,7 +22,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use raftkv_client::backup::Verifier;
+use raftkv_client::s3::Bucket;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -370,96 +368,13 @@ async fn take(
         .backup_stream()
         .await
         .map_err(|e| format!("starting the backup: {e}"))?;
-    let mut verifier = Verifier::new();
-    let mut part: Vec<u8> = Vec::with_capacity(s3::PART_SIZE);
-    let mut upload: Option<(String, Vec<String>)> = None;
-    let result = async {
-        loop {
-            let chunk = tokio::time::timeout(STREAM_IDLE, stream.next_chunk())
-                .await
-                .map_err(|_| format!("the member sent nothing for {}s", STREAM_IDLE.as_secs()))?
-                .map_err(|e| format!("reading the backup stream: {e}"))?;
-            let Some(chunk) = chunk else { break };
-            verifier
-                .update(&chunk)
-                .map_err(|e| format!("the stream is not a raftkv backup: {e}"))?;
-            part.extend_from_slice(&chunk);
-            while part.len() >= s3::PART_SIZE {
-                let rest = part.split_off(s3::PART_SIZE);
-                let body = Bytes::from(std::mem::replace(&mut part, rest));
-                upload_part(&bucket, key, &mut upload, body).await?;
-            }
-        }
-        let info = verifier
-            .finish()
-            .map_err(|e| format!("the backup stream ended early or damaged: {e}"))?;
-        if upload.is_none() {
-            bucket
-                .put_object(key, Bytes::from(std::mem::take(&mut part)))
-                .await
-                .map_err(|e| e.to_string())?;
-        } else {
-            if !part.is_empty() {
-                let body = Bytes::from(std::mem::take(&mut part));
-                upload_part(&bucket, key, &mut upload, body).await?;
-            }
-            if let Some((id, etags)) = &upload {
-                bucket
-                    .complete_multipart(key, id, etags)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-        }
-        Ok::<_, String>(info)
-    }
-    .await;
-    match result {
-        Ok(info) => Ok(Done {
-            location: bucket.location(key),
-            revision: info.revision,
-            bytes: info.bytes,
-            sha256: info.sha256,
-        }),
-        Err(why) => {
-            if let Some((id, _)) = &upload
-                && let Err(e) = bucket.abort_multipart(key, id).await
-            {
-                tracing::warn!(key, error = %e, "aborting the unfinished upload");
-            }
-            Err(why)
-        }
-    }
-}
-
-async fn upload_part(
-    bucket: &Bucket,
-    key: &str,
-    upload: &mut Option<(String, Vec<String>)>,
-    body: Bytes,
-) -> Result<(), String> {
-    if upload.is_none() {
-        let id = bucket
-            .create_multipart(key)
-            .await
-            .map_err(|e| e.to_string())?;
-        *upload = Some((id, Vec::new()));
-    }
-    let Some((id, etags)) = upload.as_mut() else {
-        return Err("no upload in progress".into());
-    };
-    if etags.len() >= s3::MAX_PARTS {
-        return Err(format!(
-            "the backup is larger than S3's {} parts of {} MiB",
-            s3::MAX_PARTS,
-            s3::PART_SIZE >> 20
-        ));
-    }
-    let etag = bucket
-        .upload_part(key, id, etags.len() + 1, body)
-        .await
-        .map_err(|e| e.to_string())?;
-    etags.push(etag);
-    Ok(())
+    let info = bucket.upload_backup(key, &mut stream, STREAM_IDLE).await?;
+    Ok(Done {
+        location: bucket.location(key),
+        revision: info.revision,
+        bytes: info.bytes,
+        sha256: info.sha256,
+    })
 }
 
 /// `<prefix><namespace>/<cluster>/<backup>.rkvbackup`: the object's key in the bucket, or

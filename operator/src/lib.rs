@@ -10,7 +10,8 @@ pub mod metrics;
 pub mod plan;
 pub mod raft;
 pub mod resources;
-pub mod s3;
+/// The S3 client lives in the client library (kvctl uses it too).
+pub use raftkv_client::s3;
 pub mod telemetry;
 pub mod volume;
 

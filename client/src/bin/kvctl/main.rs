@@ -136,10 +136,84 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BackupCmd {
-    /// Save a backup of the whole cluster at its current revision into FILE (root only).
-    Save { file: PathBuf },
+    /// Save a backup of the whole cluster at its current revision (root only) into FILE, or
+    /// into an S3 object: `s3://BUCKET/KEY`, or `s3://BUCKET/PREFIX/` for a name with the
+    /// time. S3 credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+    Save {
+        target: String,
+        #[command(flatten)]
+        s3: S3Args,
+    },
     /// Check that FILE is a whole backup and show what it holds.
     Inspect { file: PathBuf },
+}
+
+/// Where and how an `s3://` backup target is reached.
+#[derive(clap::Args)]
+struct S3Args {
+    /// The S3 endpoint (default: AWS's for the region).
+    #[arg(long, env = "AWS_ENDPOINT_URL_S3")]
+    s3_endpoint: Option<String>,
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    s3_region: String,
+    /// Address the bucket as `<bucket>.<host>` (AWS's preferred form; the default without
+    /// --s3-endpoint) rather than `<endpoint>/<bucket>` (most other servers).
+    #[arg(long)]
+    s3_virtual_host: bool,
+    /// CA certificate (PEM) for an endpoint with a private CA.
+    #[arg(long)]
+    s3_ca_file: Option<PathBuf>,
+}
+
+/// Streams a backup into `s3://bucket/key`, checked on the way; returns the location.
+async fn save_to_s3(
+    client: &Client,
+    target: &str,
+    args: &S3Args,
+) -> Result<(String, raftkv_client::backup::BackupInfo), Error> {
+    let rest = target.strip_prefix("s3://").unwrap_or(target);
+    let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+    let key = if key.is_empty() || key.ends_with('/') {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        format!("{key}raftkv-{now}.rkvbackup")
+    } else {
+        key.to_string()
+    };
+    let env = |name: &str| {
+        std::env::var(name)
+            .map_err(|_| Error::Config(format!("{name} must be set for an s3:// backup")))
+    };
+    let (access, secret) = (env("AWS_ACCESS_KEY_ID")?, env("AWS_SECRET_ACCESS_KEY")?);
+    let endpoint = args
+        .s3_endpoint
+        .clone()
+        .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", args.s3_region));
+    let path_style = args.s3_endpoint.is_some() && !args.s3_virtual_host;
+    let ca = match &args.s3_ca_file {
+        Some(p) => Some(
+            std::fs::read(p).map_err(|e| Error::Config(format!("reading {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    let b = raftkv_client::s3::Bucket::new(
+        &endpoint,
+        bucket,
+        &args.s3_region,
+        path_style,
+        &access,
+        &secret,
+        ca.as_deref(),
+    )
+    .map_err(|e| Error::Config(e.to_string()))?;
+    let mut stream = client.backup_stream().await?;
+    let info = b
+        .upload_backup(&key, &mut stream, Duration::from_secs(300))
+        .await
+        .map_err(Error::Destination)?;
+    Ok((b.location(&key), info))
 }
 
 fn print_backup(path: &std::path::Path, b: &raftkv_client::backup::BackupInfo, json_out: bool) {
@@ -476,9 +550,15 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 println!("re-encrypted {n} values; everything is sealed with key {key}");
             }
         }
-        Cmd::Backup(BackupCmd::Save { file }) => {
-            let b = client.save_backup(file).await?;
-            print_backup(file, &b, json_out);
+        Cmd::Backup(BackupCmd::Save { target, s3 }) => {
+            if target.starts_with("s3://") {
+                let (location, b) = save_to_s3(&client, target, s3).await?;
+                print_backup(std::path::Path::new(&location), &b, json_out);
+            } else {
+                let file = PathBuf::from(target);
+                let b = client.save_backup(&file).await?;
+                print_backup(&file, &b, json_out);
+            }
         }
         Cmd::Token(_) | Cmd::Bench(_) | Cmd::Backup(BackupCmd::Inspect { .. }) => {}
     }

@@ -1,15 +1,17 @@
 //! A small S3 client for backups: AWS Signature Version 4, single and multipart uploads,
 //! deletes and presigned downloads, over HTTP or HTTPS (system roots plus an optional CA).
-//! Just what the backup controller needs, so the operator carries no cloud SDK; any server
-//! that speaks the S3 API (AWS, MinIO, Ceph RGW, ...) works.
+//! Just what backups need (the operator's schedule, `kvctl backup save s3://…`), so neither
+//! carries a cloud SDK; any server that speaks the S3 API (AWS, MinIO, Ceph RGW, ...) works.
+//! `upload_backup` streams a backup into an object, checking it on the way.
 
+use crate::backup::{BackupInfo, BackupStream, Verifier};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use k8s_openapi::jiff::Timestamp;
+use jiff::Timestamp;
 use sha2::{Digest, Sha256};
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -488,6 +490,97 @@ impl Bucket {
             Bytes::new(),
         )
         .await?;
+        Ok(())
+    }
+
+    /// Streams a backup into the object `key`, checking it as it goes: in `PART_SIZE` parts
+    /// (one PUT when it fits in one), the upload completed only once the whole stream verified
+    /// and aborted otherwise, so an object under `key` is always a whole backup. At most one
+    /// part is held in memory. A stream silent for `idle` is given up on.
+    pub async fn upload_backup(
+        &self,
+        key: &str,
+        stream: &mut BackupStream,
+        idle: Duration,
+    ) -> Result<BackupInfo, String> {
+        let mut verifier = Verifier::new();
+        let mut part: Vec<u8> = Vec::with_capacity(PART_SIZE);
+        let mut upload: Option<(String, Vec<String>)> = None;
+        let result = async {
+            loop {
+                let chunk = tokio::time::timeout(idle, stream.next_chunk())
+                    .await
+                    .map_err(|_| format!("the member sent nothing for {}s", idle.as_secs()))?
+                    .map_err(|e| format!("reading the backup stream: {e}"))?;
+                let Some(chunk) = chunk else { break };
+                verifier
+                    .update(&chunk)
+                    .map_err(|e| format!("the stream is not a raftkv backup: {e}"))?;
+                part.extend_from_slice(&chunk);
+                while part.len() >= PART_SIZE {
+                    let rest = part.split_off(PART_SIZE);
+                    let body = Bytes::from(std::mem::replace(&mut part, rest));
+                    self.next_part(key, &mut upload, body).await?;
+                }
+            }
+            let info = verifier
+                .finish()
+                .map_err(|e| format!("the backup stream ended early or damaged: {e}"))?;
+            if upload.is_none() {
+                self.put_object(key, Bytes::from(std::mem::take(&mut part)))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            } else {
+                if !part.is_empty() {
+                    let body = Bytes::from(std::mem::take(&mut part));
+                    self.next_part(key, &mut upload, body).await?;
+                }
+                if let Some((id, etags)) = &upload {
+                    self.complete_multipart(key, id, etags)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            Ok::<_, String>(info)
+        }
+        .await;
+        if result.is_err()
+            && let Some((id, _)) = &upload
+            && let Err(e) = self.abort_multipart(key, id).await
+        {
+            tracing::warn!(key, error = %e, "aborting the unfinished upload");
+        }
+        result
+    }
+
+    /// Uploads the next part of a multipart upload, starting the upload with the first.
+    async fn next_part(
+        &self,
+        key: &str,
+        upload: &mut Option<(String, Vec<String>)>,
+        body: Bytes,
+    ) -> Result<(), String> {
+        if upload.is_none() {
+            let id = self
+                .create_multipart(key)
+                .await
+                .map_err(|e| e.to_string())?;
+            *upload = Some((id, Vec::new()));
+        }
+        let Some((id, etags)) = upload.as_mut() else {
+            return Err("no upload in progress".into());
+        };
+        if etags.len() >= MAX_PARTS {
+            return Err(format!(
+                "the backup is larger than S3's {MAX_PARTS} parts of {} MiB",
+                PART_SIZE >> 20
+            ));
+        }
+        let etag = self
+            .upload_part(key, id, etags.len() + 1, body)
+            .await
+            .map_err(|e| e.to_string())?;
+        etags.push(etag);
         Ok(())
     }
 }
