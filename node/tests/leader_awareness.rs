@@ -100,18 +100,38 @@ async fn a_member_cut_off_from_the_others_reports_no_leader_and_ends_leader_requ
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn progress_notifications_never_run_ahead_of_events() {
     let c = Cluster::start(Options::default());
-    let (mut stream, tx) = c.open_watch(1, "p/", 0, &c.token).await;
-    let writer = {
-        let mut kv = c.kv(0).await;
-        let token = c.token.clone();
-        tokio::spawn(async move {
-            for i in 0..700 {
-                kv.put(authed(put_req(&format!("p/{i}"), "v"), &token))
-                    .await
-                    .unwrap();
-            }
-        })
-    };
+    // One watch on every member (the leader and both followers), all asking for progress
+    // while the writes land.
+    let mut checkers = Vec::new();
+    for member in 0..3 {
+        let (stream, tx) = c.open_watch(member, "p/", 0, &c.token).await;
+        checkers.push(tokio::spawn(progress_follows_events(
+            member, stream, tx, 700,
+        )));
+    }
+    let mut kv = c.kv(0).await;
+    for i in 0..700 {
+        kv.put(authed(put_req(&format!("p/{i}"), "v"), &c.token))
+            .await
+            .unwrap();
+    }
+    for (member, checker) in checkers.into_iter().enumerate() {
+        let notifications = checker.await.unwrap();
+        assert!(
+            notifications > 10,
+            "member {member}: {notifications} progress notifications"
+        );
+    }
+}
+
+/// Reads `n` events from a watch, asking for progress every 7, and checks that no progress
+/// notification names a revision before an event still to come; returns how many came.
+async fn progress_follows_events(
+    member: usize,
+    mut stream: tonic::Streaming<pb::WatchResponse>,
+    tx: tokio::sync::mpsc::Sender<pb::WatchRequest>,
+    n: usize,
+) -> usize {
     let progress = pb::WatchRequest {
         request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(
             pb::WatchProgressRequest {},
@@ -121,7 +141,7 @@ async fn progress_notifications_never_run_ahead_of_events() {
     let mut last_progress = 0;
     let mut events = 0;
     let mut notifications = 0;
-    while events < 700 {
+    while events < n {
         if events % 7 == 0 {
             tx.send(progress.clone()).await.unwrap();
         }
@@ -135,7 +155,7 @@ async fn progress_notifications_never_run_ahead_of_events() {
             // A progress notification: everything up to `rev` has been delivered.
             assert!(
                 rev >= last_event,
-                "progress at {rev} behind event {last_event}"
+                "member {member}: progress at {rev} behind event {last_event}"
             );
             last_progress = last_progress.max(rev);
             notifications += 1;
@@ -145,15 +165,14 @@ async fn progress_notifications_never_run_ahead_of_events() {
             let r = e.kv.as_ref().unwrap().mod_revision;
             assert!(
                 r > last_progress,
-                "event at {r} arrived after a progress notification at {last_progress}"
+                "member {member}: event at {r} arrived after a progress notification at {last_progress}"
             );
             assert!(r > last_event);
             last_event = r;
             events += 1;
         }
     }
-    writer.await.unwrap();
-    assert!(notifications > 10, "{notifications} progress notifications");
+    notifications
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
