@@ -279,13 +279,7 @@ async fn on_volume(
                 dest.claim_name
             ))));
         }
-        let conn = match crate::controller::job_connection(
-            kvc,
-            ctx,
-            Duration::from_secs(volume::SAVE_DEADLINE_SECS as u64 + 600),
-        )
-        .await
-        {
+        let conn = match crate::controller::job_connection(kvc, ctx, volume::TOKEN_TTL).await {
             Ok(Some(c)) => c,
             Ok(None) => return Ok(Some(Err("the cluster has no running members".into()))),
             Err(e) => return Ok(Some(Err(format!("connecting to the cluster: {e}")))),
@@ -316,12 +310,8 @@ async fn on_volume(
         // An operator stopped between creating the Job and its token leaves a Job waiting
         // for it: give it one.
         if secrets.get_opt(&token_secret).await?.is_none()
-            && let Ok(Some(access)) = crate::controller::job_connection(
-                kvc,
-                ctx,
-                Duration::from_secs(volume::SAVE_DEADLINE_SECS as u64 + 600),
-            )
-            .await
+            && let Ok(Some(access)) =
+                crate::controller::job_connection(kvc, ctx, volume::TOKEN_TTL).await
         {
             ensure_token(&secrets, &job, &token_secret, access.token).await?;
         }

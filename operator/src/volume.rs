@@ -29,8 +29,11 @@ pub const TERMINATION_LOG: &str = "/dev/termination-log";
 /// The environment variable the save Job reads its token from (a Secret, never an argument).
 pub const TOKEN_ENV: &str = "RAFTKV_BACKUP_TOKEN";
 pub const TOKEN_KEY: &str = "token";
-/// How long one save Job may run, and so how long its token lives.
+/// How long one save Job may run.
 pub const SAVE_DEADLINE_SECS: i64 = 3 * 3600;
+/// How long a save Job's token lives: its deadline, and time for its pod to start.
+pub const TOKEN_TTL: std::time::Duration =
+    std::time::Duration::from_secs(SAVE_DEADLINE_SECS as u64 + 600);
 const DELETE_DEADLINE_SECS: i64 = 600;
 /// Kubernetes keeps at most 4096 bytes of a termination message.
 const MESSAGE_LIMIT: usize = 3500;
