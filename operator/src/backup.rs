@@ -179,6 +179,14 @@ async fn attempt(
         let result = take(b, kvc, ctx, &ns, &key).await;
         (result, started.elapsed().as_secs_f64())
     };
+    // The Job that made this attempt goes once its outcome is in the status (not before: a
+    // lost status write must not lose the outcome with it).
+    let finished_job = b
+        .spec
+        .destination
+        .pvc
+        .as_ref()
+        .map(|_| volume::job_name(&b.name_any(), "save", status.attempts + 1));
     let labels = [ns.as_str(), b.spec.cluster.as_str()];
     match result {
         Ok(done) => {
@@ -203,6 +211,7 @@ async fn attempt(
             status.sha256 = Some(done.sha256);
             status.completion_time = Some(Timestamp::now().to_string());
             apply_status(&ctx.client, b, &status).await?;
+            remove_job(ctx, b, &ns, finished_job.as_deref()).await;
             publish(
                 ctx,
                 b,
@@ -234,6 +243,7 @@ async fn attempt(
                     .map(|t| t.to_string());
             }
             apply_status(&ctx.client, b, &status).await?;
+            remove_job(ctx, b, &ns, finished_job.as_deref()).await;
             publish(ctx, b, EventType::Warning, "BackupFailed", why.clone()).await;
             tracing::warn!(backup = %b.name_any(), attempt = status.attempts, error = %why, "backup failed");
             Ok(if last {
@@ -271,7 +281,15 @@ async fn on_volume(
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let location = location(&b.spec.destination, rel);
-    let Some(job) = jobs.get_opt(&name).await? else {
+    let found = jobs.get_opt(&name).await?;
+    if let Some(j) = &found
+        && !volume::made_for(j, b)
+    {
+        return Ok(Some(Err(format!(
+            "a Job named {name} exists that this backup did not make (left by an earlier backup of the same name?); retrying once it is gone"
+        ))));
+    }
+    let Some(job) = found else {
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
         if claims.get_opt(&dest.claim_name).await?.is_none() {
             return Ok(Some(Err(format!(
@@ -295,7 +313,15 @@ async fn on_volume(
         );
         let job = match jobs.create(&PostParams::default(), &job).await {
             Ok(j) => j,
-            Err(kube::Error::Api(e)) if e.code == 409 => jobs.get(&name).await?,
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let j = jobs.get(&name).await?;
+                if !volume::made_for(&j, b) {
+                    return Ok(Some(Err(format!(
+                        "a Job named {name} exists that this backup did not make"
+                    ))));
+                }
+                j
+            }
             Err(e) => return Err(e.into()),
         };
         ensure_token(&secrets, &job, &token_secret, conn.token).await?;
@@ -324,13 +350,6 @@ async fn on_volume(
         .items
         .iter()
         .find_map(volume::outcome_of);
-    // The Job has said what it had to: it goes, and with it (owned by it) its pod and the
-    // Secret holding its root token. Its outcome is in the backup's status and events.
-    if let Err(e) = jobs.delete(&name, &DeleteParams::background()).await
-        && !matches!(&e, kube::Error::Api(s) if s.code == 404)
-    {
-        tracing::warn!(job = %name, error = %e, "deleting a finished backup Job");
-    }
     // A failed Job's own message says more than the Job's condition, when it wrote one.
     Ok(Some(match outcome {
         Some(o) if ok || o.error.is_some() => volume::done(o, location),
@@ -628,6 +647,22 @@ pub async fn schedule(
     );
     status.backup = Some(st);
     Ok(next.map(|n| Duration::from_secs_f64(n.duration_since(now).as_secs_f64().max(1.0))))
+}
+
+/// Deletes a finished save Job of `b`'s (never one it did not make); its pod and its token
+/// Secret (owned by it) go with it.
+async fn remove_job(ctx: &Context, b: &KVClusterBackup, ns: &str, name: Option<&str>) {
+    let Some(name) = name else { return };
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    match jobs.get_opt(name).await {
+        Ok(Some(j)) if volume::made_for(&j, b) => {}
+        _ => return,
+    }
+    if let Err(e) = jobs.delete(name, &DeleteParams::background()).await
+        && !matches!(&e, kube::Error::Api(s) if s.code == 404)
+    {
+        tracing::warn!(job = %name, error = %e, "deleting a finished backup Job");
+    }
 }
 
 /// The Secret with a save Job's root token, owned by the Job so it goes when the Job does.

@@ -229,6 +229,20 @@ pub fn delete_job(b: &KVClusterBackup, dest: &PvcDestination, rel: &str, image: 
     )
 }
 
+/// Whether `job` was made for backup `b`: its controller is `b` itself, by UID. A Job of the
+/// same name left by an earlier backup of that name (or made by someone else) is not `b`'s
+/// outcome and gets no token.
+pub fn made_for(job: &Job, b: &KVClusterBackup) -> bool {
+    let uid = b.uid();
+    uid.is_some()
+        && job
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref())
+}
+
 /// Whether a Job has ended: `Some(true)` complete, `Some(false)` failed, `None` running.
 pub fn finished(job: &Job) -> Option<bool> {
     let st = job.status.as_ref()?;
@@ -342,18 +356,31 @@ fn check_path(file: &Path) -> Result<(), String> {
     }
 }
 
-fn report(result: &Path, outcome: &Outcome) {
+/// The outcome as JSON within `MESSAGE_LIMIT` bytes (Kubernetes cuts a longer message, which
+/// would then not parse): a long error is shortened until the encoded whole fits.
+fn message(outcome: &Outcome) -> String {
     let mut text = serde_json::to_string(outcome).unwrap_or_default();
-    if text.len() > MESSAGE_LIMIT {
+    let mut error: Vec<char> = outcome
+        .error
+        .as_deref()
+        .unwrap_or_default()
+        .chars()
+        .collect();
+    while text.len() > MESSAGE_LIMIT && !error.is_empty() {
+        // Characters encode to 1-6 bytes (escapes, UTF-8): shrink in proportion, then again.
+        let cut = (error.len() * (MESSAGE_LIMIT - 64) / text.len()).min(error.len() - 1);
+        error.truncate(cut);
         let short = Outcome {
-            error: outcome
-                .error
-                .as_ref()
-                .map(|e| e.chars().take(MESSAGE_LIMIT - 200).collect()),
+            error: Some(error.iter().collect()),
             ..Outcome::default_error()
         };
         text = serde_json::to_string(&short).unwrap_or_default();
     }
+    text
+}
+
+fn report(result: &Path, outcome: &Outcome) {
+    let text = message(outcome);
     if let Err(e) = std::fs::write(result, &text) {
         tracing::warn!(path = %result.display(), error = %e, "writing the termination message");
     }
@@ -373,10 +400,9 @@ impl Outcome {
 
 fn read_tls(dir: &Path, domain: Option<String>) -> Result<raftkv_client::TlsOptions, String> {
     let read = |name: &str| std::fs::read(dir.join(name)).ok();
+    // As the operator itself: without a ca.crt the system roots verify the members.
     Ok(raftkv_client::TlsOptions {
-        ca_pem: Some(
-            read(CA_CERT_KEY).ok_or_else(|| format!("{} has no {CA_CERT_KEY}", dir.display()))?,
-        ),
+        ca_pem: read(CA_CERT_KEY),
         identity_pem: read("tls.crt").zip(read("tls.key")),
         domain,
     })
@@ -542,6 +568,47 @@ mod tests {
         ] {
             assert!(check_path(Path::new(bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_long_error_still_fits_the_termination_message_as_json() {
+        let outcome = Outcome {
+            error: Some("\u{1F4A5}\"\n".repeat(3000)),
+            ..Outcome::default_error()
+        };
+        let text = message(&outcome);
+        assert!(text.len() <= MESSAGE_LIMIT, "{}", text.len());
+        let back: Outcome = serde_json::from_str(&text).unwrap();
+        assert!(back.error.unwrap().starts_with('\u{1F4A5}'));
+    }
+
+    /// Whether `job` was made for `b` (its controller is this very backup, by UID).
+    #[test]
+    fn a_job_belongs_only_to_the_backup_that_made_it() {
+        let b = backup("kv-1");
+        let mine = save_job(
+            &b,
+            &dest(),
+            "apps/kv/kv-1.rkvbackup",
+            "i",
+            &JobConnection {
+                endpoints: vec!["http://10.0.0.1:2379".into()],
+                tls_secret: None,
+                domain: "d".into(),
+            },
+            "t",
+            1,
+        );
+        assert!(made_for(&mine, &b));
+        let mut other = mine.clone();
+        other.metadata.owner_references = None;
+        assert!(!made_for(&other, &b));
+        let mut again = b.clone();
+        again.metadata.uid = Some("u-2".into());
+        assert!(
+            !made_for(&mine, &again),
+            "a re-created backup of the same name"
+        );
     }
 
     #[test]
