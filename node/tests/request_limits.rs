@@ -287,18 +287,7 @@ async fn replaying_history_holds_a_page_in_memory_not_the_whole_history() {
         }
     }
     let pid = c.members[2].child.as_ref().unwrap().id();
-    let rss = move || {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kb| kb.parse::<u64>().ok())
-            })
-            .unwrap_or(0)
-            * 1024
-    };
+    let rss = move || rss_of(pid);
     let before = rss();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {

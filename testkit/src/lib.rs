@@ -19,6 +19,20 @@ use tonic::transport::Channel;
 /// Below the ephemeral range only other listeners compete, and those are checked by binding.
 const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
 
+/// Resident memory of process `pid` in bytes (0 when it is gone).
+pub fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
@@ -643,17 +657,7 @@ impl Cluster {
     }
 
     pub fn rss_bytes(&self, i: usize) -> u64 {
-        let pid = self.members[i].child.as_ref().map(|c| c.id()).unwrap_or(0);
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kb| kb.parse::<u64>().ok())
-            })
-            .map(|kb| kb * 1024)
-            .unwrap_or(0)
+        rss_of(self.members[i].child.as_ref().map(|c| c.id()).unwrap_or(0))
     }
 
     pub async fn kv(&self, i: usize) -> KvClient<Channel> {
