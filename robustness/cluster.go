@@ -47,6 +47,7 @@ type Cluster struct {
 	members   [slotCount + 1]*Member // slots 1..3
 	pki       string
 	nextToken int
+	memberLog string // RUST_LOG for raftkv members
 }
 
 // Member is one member process in its slot.
@@ -240,7 +241,7 @@ func (c *Cluster) spawn(slot int, id uint64, argv []string) error {
 	// Members die with the suite, however it ends.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	cmd.Stdout, cmd.Stderr = f, f
-	cmd.Env = append(os.Environ(), "RUST_LOG=info,openraft=warn")
+	cmd.Env = append(os.Environ(), "RUST_LOG="+c.memberLog)
 	if err := cmd.Start(); err != nil {
 		return err
 	}

@@ -31,7 +31,7 @@ import (
 
 var faults = []string{
 	"kill-random", "kill-leader", "pause-leader", "pause-follower",
-	"isolate-leader", "isolate-follower", "leader-cannot-send", "replace-member",
+	"isolate-leader", "isolate-follower", "leader-cannot-send", "replace-member", "replace-leader",
 }
 
 // Round is what one fault did to the cluster.
@@ -41,6 +41,8 @@ type Round struct {
 	Slot     int     `json:"slot"`
 	Failover float64 `json:"longest_write_gap_s"`
 	NoLeader float64 `json:"isolated_leader_reports_no_leader_after_s,omitempty"`
+	// The longest time either watcher got no event (it includes any time without writes).
+	WatchGap float64 `json:"longest_watch_gap_s"`
 	Err      string  `json:"error,omitempty"`
 }
 
@@ -60,6 +62,7 @@ type Report struct {
 	Errors          map[string]int        `json:"client_errors"`
 	PerFault        map[string]FaultStats `json:"per_fault"`
 	Patched         PatchStats            `json:"indeterminate_resolved"`
+	Segments        SegmentStats          `json:"checked_in_segments"`
 	CheckSeconds    float64               `json:"check_seconds"`
 }
 
@@ -67,6 +70,7 @@ type FaultStats struct {
 	Count       int     `json:"count"`
 	MaxFailover float64 `json:"max_longest_write_gap_s"`
 	MaxNoLeader float64 `json:"max_no_leader_report_s,omitempty"`
+	MaxWatchGap float64 `json:"max_longest_watch_gap_s"`
 }
 
 func main() {
@@ -81,6 +85,7 @@ func main() {
 	seed := flag.Int64("seed", time.Now().UnixNano(), "random seed")
 	keepLogs := flag.Bool("keep-logs", false, "keep the member logs in --artifacts even when the run passes")
 	checkTimeout := flag.Duration("check-timeout", 10*time.Minute, "how long porcupine may search before the run counts as undecided")
+	memberLog := flag.String("member-log", "info,openraft=warn", "RUST_LOG for raftkv members")
 	needPartitions := flag.Bool("require-partitions", false, "fail instead of running without the partition faults when network namespaces are unavailable")
 	flag.Parse()
 	if *bin == "" {
@@ -94,7 +99,7 @@ func main() {
 		fail(err)
 	}
 	dir, _ := filepath.Abs(filepath.Join(*artifacts, "cluster"))
-	c := &Cluster{target: *target, bin: *bin, dir: dir, electMs: *electMs}
+	c := &Cluster{target: *target, bin: *bin, dir: dir, electMs: *electMs, memberLog: *memberLog}
 	if *target == "raftkv" {
 		c.user, c.password = "root", "robustness-root-pw"
 	}
@@ -162,8 +167,8 @@ func main() {
 			break
 		}
 		fault := use[(n-1)%len(use)]
-		r := runRound(c, h, n, fault, rnd)
-		fmt.Printf("round %3d %-20s slot %d  longest write gap %5.2fs", r.N, r.Fault, r.Slot, r.Failover)
+		r := runRound(c, h, watchers, n, fault, rnd)
+		fmt.Printf("round %3d %-20s slot %d  longest write gap %5.2fs  watch gap %5.2fs", r.N, r.Fault, r.Slot, r.Failover, r.WatchGap)
 		if r.NoLeader > 0 {
 			fmt.Printf("  no-leader reported after %.2fs", r.NoLeader)
 		}
@@ -177,6 +182,9 @@ func main() {
 		fs.Count++
 		if r.Failover > fs.MaxFailover {
 			fs.MaxFailover = r.Failover
+		}
+		if r.WatchGap > fs.MaxWatchGap {
+			fs.MaxWatchGap = r.WatchGap
 		}
 		if r.NoLeader > fs.MaxNoLeader {
 			fs.MaxNoLeader = r.NoLeader
@@ -207,7 +215,7 @@ func main() {
 		report.Violations = append(report.Violations, w.compare(ref, endRev)...)
 		report.WatchEvents[w.name] = len(w.events)
 		report.WatchResumes[w.name] = w.resumes
-		report.WatchLongestGap[w.name] = w.longestGap.Seconds()
+		report.WatchLongestGap[w.name] = w.gap(time.Time{}, time.Now()).Seconds()
 	}
 
 	report.Operations = len(h.ops)
@@ -222,6 +230,7 @@ func main() {
 	ops, patched := patchHistory(h.ops, ref, leaseChecker(c))
 	report.Patched = patched
 	report.Violations = append(report.Violations, patched.Problems...)
+	ops, report.Segments = segment(ops, ref, segmentOps)
 	checkStarted := time.Now()
 	res, info := porcupine.CheckOperationsVerbose(model, ops, *checkTimeout)
 	report.CheckSeconds = time.Since(checkStarted).Seconds()
@@ -264,14 +273,14 @@ func summarize(r Report) {
 	sort.Strings(names)
 	for _, f := range names {
 		s := r.PerFault[f]
-		fmt.Printf("  %-20s %3d rounds, longest write gap %.2fs", f, s.Count, s.MaxFailover)
+		fmt.Printf("  %-20s %3d rounds, longest write gap %.2fs, watch gap %.2fs", f, s.Count, s.MaxFailover, s.MaxWatchGap)
 		if s.MaxNoLeader > 0 {
 			fmt.Printf(", isolated leader reported no leader within %.2fs", s.MaxNoLeader)
 		}
 		fmt.Println()
 	}
-	fmt.Printf("indeterminate writes: %d happened, %d did not, %d left open; checked in %.1fs\n",
-		r.Patched.Happened, r.Patched.NotHappened, r.Patched.OpenEnded, r.CheckSeconds)
+	fmt.Printf("indeterminate writes: %d happened, %d did not, %d revokes without effect, %d left open; checked in %d segments (largest %d operations) in %.1fs\n",
+		r.Patched.Happened, r.Patched.NotHappened, r.Patched.NoEffect, r.Patched.OpenEnded, r.Segments.Segments, r.Segments.Largest, r.CheckSeconds)
 	fmt.Printf("longest watch gap %v, connection-drop errors %d, linearizable %v\n", r.WatchLongestGap, r.ConnectionDrops, r.Linearizable["all"])
 }
 
@@ -305,7 +314,7 @@ func currentRevision(c *Cluster) int64 {
 }
 
 // runRound injects one fault, waits, heals and measures.
-func runRound(c *Cluster, h *History, n int, fault string, rnd *rand.Rand) Round {
+func runRound(c *Cluster, h *History, watchers []*Watcher, n int, fault string, rnd *rand.Rand) Round {
 	r := Round{N: n, Fault: fault}
 	time.Sleep(time.Duration(500+rnd.Intn(1000)) * time.Millisecond)
 	leader := c.Leader()
@@ -368,8 +377,11 @@ func runRound(c *Cluster, h *History, n int, fault string, rnd *rand.Rand) Round
 		}
 		time.Sleep(time.Until(t0.Add(hold)))
 		c.Heal()
-	case "replace-member":
+	case "replace-member", "replace-leader":
 		r.Slot = random
+		if fault == "replace-leader" {
+			r.Slot = leader
+		}
 		err = c.Replace(r.Slot)
 	}
 	if err != nil {
@@ -379,7 +391,13 @@ func runRound(c *Cluster, h *History, n int, fault string, rnd *rand.Rand) Round
 		r.Err = werr.Error()
 	}
 	time.Sleep(time.Second)
-	r.Failover = longestGap(h, t0.Add(-500*time.Millisecond), time.Now()).Seconds()
+	from, to := t0.Add(-500*time.Millisecond), time.Now()
+	r.Failover = longestGap(h, from, to).Seconds()
+	for _, w := range watchers {
+		if g := w.gap(from, to).Seconds(); g > r.WatchGap {
+			r.WatchGap = g
+		}
+	}
 	return r
 }
 
@@ -401,13 +419,18 @@ func waitNoLeader(cli *clientv3.Client, endpoint string, within time.Duration) f
 // longestGap is the longest time within [from, to] with no successful write.
 func longestGap(h *History, from, to time.Time) time.Duration {
 	h.mu.Lock()
+	defer h.mu.Unlock()
+	return longestWithout(h.writes, from, to)
+}
+
+// longestWithout is the longest time within [from, to] that holds none of the times ts.
+func longestWithout(all []time.Time, from, to time.Time) time.Duration {
 	var ts []time.Time
-	for _, t := range h.writes {
+	for _, t := range all {
 		if !t.Before(from) && !t.After(to) {
 			ts = append(ts, t)
 		}
 	}
-	h.mu.Unlock()
 	sort.Slice(ts, func(i, j int) bool { return ts[i].Before(ts[j]) })
 	prev := from
 	var longest time.Duration

@@ -2,7 +2,7 @@ package main
 
 // The checker: porcupine over a model of what the clients do (a register per key, with
 // compare-and-swap, delete, atomic two-key writes and reads, keys attached to leases that a
-// revoke deletes), history split by key group; and the checks porcupine alone does not make.
+// revoke deletes), history split by key group and into segments (segment.go); and the checks porcupine alone does not make.
 
 import (
 	"fmt"
@@ -82,6 +82,10 @@ func step(st interface{}, in interface{}, out interface{}) (bool, interface{}) {
 		n := s.clone()
 		delete(n, i.Keys[0])
 		return true, n
+	case "init":
+		return true, i.State.clone()
+	case "assert":
+		return equalStates(s, i.State), s
 	case "revoke":
 		n := s.clone()
 		for k, e := range n {
@@ -94,32 +98,39 @@ func step(st interface{}, in interface{}, out interface{}) (bool, interface{}) {
 	return false, s
 }
 
-var model = porcupine.Model{
-	Partition: func(history []porcupine.Operation) [][]porcupine.Operation {
-		byGroup := make([][]porcupine.Operation, groups)
-		for _, op := range history {
-			g := op.Input.(Input).Group
-			byGroup[g] = append(byGroup[g], op)
-		}
-		return byGroup
-	},
-	Init: func() interface{} { return state{} },
-	Step: step,
-	Equal: func(a, b interface{}) bool {
-		x, y := a.(state), b.(state)
-		if len(x) != len(y) {
+func equalStates(x, y state) bool {
+	if len(x) != len(y) {
+		return false
+	}
+	for k, v := range x {
+		if y[k] != v {
 			return false
 		}
-		for k, v := range x {
-			if y[k] != v {
-				return false
+	}
+	return true
+}
+
+var model = porcupine.Model{
+	Partition: func(history []porcupine.Operation) [][]porcupine.Operation {
+		var bySeg [][]porcupine.Operation
+		for _, op := range history {
+			s := op.Input.(Input).Seg
+			for len(bySeg) <= s {
+				bySeg = append(bySeg, nil)
 			}
+			bySeg[s] = append(bySeg[s], op)
 		}
-		return true
+		return bySeg
 	},
+	Init:  func() interface{} { return state{} },
+	Step:  step,
+	Equal: func(a, b interface{}) bool { return equalStates(a.(state), b.(state)) },
 	DescribeOperation: func(in, out interface{}) string {
 		i, o := in.(Input), out.(Output)
 		res := fmt.Sprintf("rev %d", o.Rev)
+		if i.Op == "init" || i.Op == "assert" {
+			return fmt.Sprintf("%s segment %d: %s", i.Op, i.Seg, describeState(i.State))
+		}
 		if o.Unknown {
 			res = "unknown"
 		} else if i.Op == "get" || i.Op == "mget" || (i.Op == "cas" && !o.Succeeded) {
@@ -131,19 +142,20 @@ var model = porcupine.Model{
 		}
 		return fmt.Sprintf("%s %v %v %s lease %x -> %s", i.Op, i.Keys, i.Values, i.Expect, i.Lease, res)
 	},
-	DescribeState: func(st interface{}) string {
-		s := st.(state)
-		keys := make([]string, 0, len(s))
-		for k := range s {
-			keys = append(keys, k)
-		}
-		sort.Strings(keys)
-		var b strings.Builder
-		for _, k := range keys {
-			fmt.Fprintf(&b, "%s=%s ", k, s[k].Value)
-		}
-		return b.String()
-	},
+	DescribeState: func(st interface{}) string { return describeState(st.(state)) },
+}
+
+func describeState(s state) string {
+	keys := make([]string, 0, len(s))
+	for k := range s {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	var b strings.Builder
+	for _, k := range keys {
+		fmt.Fprintf(&b, "%s=%s ", k, s[k].Value)
+	}
+	return b.String()
 }
 
 // checkRevisions: every client's response revisions never go backwards.

@@ -13,13 +13,17 @@ package main
 //     response whose header revision is R or later. Its return time becomes the earliest such
 //     response, and its outcome becomes known (a compare-and-swap that wrote did succeed).
 //
-// A revoke whose outcome is unknown stays open-ended when the lease is gone, and is dropped
-// when the lease still exists. Only puts of values that some event carries are considered.
+// A revoke whose outcome is unknown is dropped when the lease still exists. When the lease is
+// gone, the revision at which keys holding it were deleted without a delete's marker is where
+// it happened; if no such revision exists it found no key and changed nothing. Only when the
+// cluster cannot be asked does it stay open-ended. Only puts of values that some event carries
+// are considered.
 
 import (
 	"context"
 	"fmt"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/anishathalye/porcupine"
@@ -31,6 +35,8 @@ type PatchStats struct {
 	Happened    int `json:"indeterminate_that_happened"`
 	NotHappened int `json:"indeterminate_that_did_not"`
 	OpenEnded   int `json:"indeterminate_left_open"`
+	// Revokes of leases that are gone and never held a key when revoked.
+	NoEffect int `json:"indeterminate_revokes_without_effect"`
 	// Writes some client saw the effect of before the write was even issued.
 	Problems []string `json:"problems,omitempty"`
 }
@@ -46,6 +52,7 @@ func patchHistory(ops []porcupine.Operation, ref []event, leaseAlive func(int64)
 			}
 		}
 	}
+	revoked, finalLeases := leaseHistory(ref)
 	observed := newObservations(ops)
 	var stats PatchStats
 	out := make([]porcupine.Operation, 0, len(ops))
@@ -68,12 +75,24 @@ func patchHistory(ops []porcupine.Operation, ref []event, leaseAlive func(int64)
 			case err != nil:
 				stats.OpenEnded++
 				out = append(out, op)
+				continue
 			case alive:
 				stats.NotHappened++
-			default:
-				stats.OpenEnded++
-				out = append(out, op)
+				continue
 			}
+			if rev, ok := revoked[in.Lease]; ok {
+				witness = revokeWitness(rev)
+				written[witness] = rev
+				break
+			}
+			// Gone, yet no key attached to it was ever deleted: the revoke found no key
+			// holding the lease. Taking effect at the end of the history, after everything,
+			// it changes nothing, so the history without it is equivalent, unless a key still
+			// holds the lease at the end.
+			if k, held := finalLeases[in.Lease]; held {
+				stats.Problems = append(stats.Problems, fmt.Sprintf("lease %x is gone but %s is still attached to it", in.Lease, k))
+			}
+			stats.NoEffect++
 			continue
 		}
 		rev, happened := written[witness]
@@ -93,7 +112,7 @@ func patchHistory(ops []porcupine.Operation, ref []event, leaseAlive func(int64)
 		switch in.Op {
 		case "cas":
 			op.Output = Output{Succeeded: true, Rev: rev}
-		case "put", "lput", "mput":
+		case "put", "lput", "mput", "revoke":
 			op.Output = Output{Rev: rev}
 		}
 		out = append(out, op)
@@ -156,3 +175,44 @@ func leaseChecker(c *Cluster) func(int64) (bool, error) {
 		return r.TTL > 0, nil
 	}
 }
+
+// revokeWitness is a key into the written map that no value can collide with.
+func revokeWitness(rev int64) string { return fmt.Sprintf("\x00revoke@%d", rev) }
+
+// leaseHistory reads off the reference history the revision at which each lease was revoked
+// (keys holding it deleted in a revision that wrote no delete marker) and, for the final
+// state, which key still holds each lease.
+func leaseHistory(ref []event) (revoked map[int64]int64, final map[int64]string) {
+	revoked = map[int64]int64{}
+	holder := map[string]int64{}
+	for i := 0; i < len(ref); {
+		j := i
+		marker := false
+		for j < len(ref) && ref[j].Rev == ref[i].Rev {
+			if !ref[j].Deleted && isMarker(ref[j].Key) {
+				marker = true
+			}
+			j++
+		}
+		for _, e := range ref[i:j] {
+			if e.Deleted {
+				if l := holder[e.Key]; l != 0 && !marker {
+					revoked[l] = e.Rev
+				}
+				delete(holder, e.Key)
+			} else {
+				holder[e.Key] = e.Lease
+			}
+		}
+		i = j
+	}
+	final = map[int64]string{}
+	for k, l := range holder {
+		if l != 0 {
+			final[l] = k
+		}
+	}
+	return revoked, final
+}
+
+func isMarker(k string) bool { return strings.HasSuffix(k, "/deleted") }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"testing"
 
 	"github.com/anishathalye/porcupine"
@@ -79,15 +80,52 @@ func TestADeleteIsResolvedByItsMarker(t *testing.T) {
 	}
 }
 
-func TestAnUnknownRevokeStaysOpenOnlyIfTheLeaseIsGone(t *testing.T) {
+func TestAnUnknownRevokeIsResolvedByTheDeletesOfItsKeys(t *testing.T) {
+	k0, k1 := key(0, 0), key(0, 1)
 	ops := []porcupine.Operation{
-		op(1, Input{Op: "revoke", Lease: 7}, 0, never, Output{Unknown: true}),
-		op(2, Input{Op: "revoke", Lease: 8}, 0, never, Output{Unknown: true}),
+		op(1, Input{Op: "lput", Keys: []string{k0}, Values: []string{"a"}, Lease: 9}, 0, 10, Output{Rev: 2}),
+		// Lease 7 is alive: its revoke did not happen.
+		op(2, Input{Op: "revoke", Lease: 7}, 0, never, Output{Unknown: true}),
+		// Lease 8 is gone and nothing held it: it changed nothing.
+		op(3, Input{Op: "revoke", Lease: 8}, 0, never, Output{Unknown: true}),
+		// Lease 9's key was deleted at revision 4, which wrote no delete marker.
+		op(4, Input{Op: "revoke", Lease: 9}, 20, never, Output{Unknown: true}),
+		op(5, Input{Op: "put", Keys: []string{k1}, Values: []string{"b"}}, 20, 30, Output{Rev: 3}),
+		op(6, Input{Op: "get", Keys: []string{k0}}, 40, 50, Output{Values: []string{""}, Exists: []bool{false}, Rev: 4}),
+		// The cluster could not be asked about lease 10.
+		op(7, Input{Op: "revoke", Lease: 10}, 0, never, Output{Unknown: true}),
 	}
-	alive := func(id int64) (bool, error) { return id == 7, nil }
-	patched, stats := patchHistory(ops, nil, alive)
-	if stats.NotHappened != 1 || stats.OpenEnded != 1 || len(patched) != 1 || patched[0].Input.(Input).Lease != 8 {
-		t.Fatalf("lease 7 is alive (revoke dropped), lease 8 is gone (revoke open): %+v %+v", stats, patched)
+	ref := []event{{Rev: 2, Key: k0, Value: "a", Lease: 9}, {Rev: 3, Key: k1, Value: "b"}, {Rev: 4, Key: k0, Deleted: true}}
+	leases := func(id int64) (bool, error) {
+		if id == 10 {
+			return false, fmt.Errorf("no quorum")
+		}
+		return id == 7, nil
+	}
+	patched, stats := patchHistory(ops, ref, leases)
+	if stats.NotHappened != 1 || stats.NoEffect != 1 || stats.Happened != 1 || stats.OpenEnded != 1 || len(stats.Problems) != 0 {
+		t.Fatalf("7 did not happen, 8 had no effect, 9 happened, 10 stays open: %+v", stats)
+	}
+	var revoke9 porcupine.Operation
+	for _, p := range patched {
+		if in := p.Input.(Input); in.Op == "revoke" && in.Lease == 9 {
+			revoke9 = p
+		}
+	}
+	if revoke9.Return != 50 || revoke9.Output.(Output).Rev != 4 {
+		t.Fatalf("revoke of 9 returns when revision 4 was first seen: %+v", revoke9)
+	}
+}
+
+func TestALeaseGoneWhileAKeyStillHoldsItIsReported(t *testing.T) {
+	k := key(0, 0)
+	ops := []porcupine.Operation{
+		op(1, Input{Op: "lput", Keys: []string{k}, Values: []string{"a"}, Lease: 9}, 0, 10, Output{Rev: 2}),
+		op(2, Input{Op: "revoke", Lease: 9}, 20, never, Output{Unknown: true}),
+	}
+	_, stats := patchHistory(ops, []event{{Rev: 2, Key: k, Value: "a", Lease: 9}}, noLeases)
+	if len(stats.Problems) != 1 {
+		t.Fatalf("expected one problem: %+v", stats)
 	}
 }
 

@@ -19,6 +19,7 @@ type event struct {
 	Key     string
 	Value   string
 	Deleted bool
+	Lease   int64
 }
 
 type Watcher struct {
@@ -28,10 +29,9 @@ type Watcher struct {
 	mu      sync.Mutex
 	events  []event
 	resumes int
-	// Longest time between two deliveries while writes went on, and when it happened.
-	longestGap time.Duration
-	lastAt     time.Time
-	problems   []string
+	// When events were delivered, for the longest time without any (overall and per round).
+	delivered []time.Time
+	problems  []string
 }
 
 func (w *Watcher) Run(ctx context.Context) {
@@ -56,15 +56,12 @@ func (w *Watcher) Run(ctx context.Context) {
 			now := time.Now()
 			w.mu.Lock()
 			for _, ev := range resp.Events {
-				e := event{Rev: ev.Kv.ModRevision, Key: string(ev.Kv.Key), Value: string(ev.Kv.Value), Deleted: ev.Type == clientv3.EventTypeDelete}
+				e := event{Rev: ev.Kv.ModRevision, Key: string(ev.Kv.Key), Value: string(ev.Kv.Value), Deleted: ev.Type == clientv3.EventTypeDelete, Lease: ev.Kv.Lease}
 				w.events = append(w.events, e)
 				next = e.Rev + 1
 			}
 			if len(resp.Events) > 0 {
-				if !w.lastAt.IsZero() && now.Sub(w.lastAt) > w.longestGap {
-					w.longestGap = now.Sub(w.lastAt)
-				}
-				w.lastAt = now
+				w.delivered = append(w.delivered, now)
 			}
 			w.mu.Unlock()
 		}
@@ -103,7 +100,7 @@ func reference(c *Cluster, from, to int64) ([]event, error) {
 			return nil, err
 		}
 		for _, ev := range resp.Events {
-			out = append(out, event{Rev: ev.Kv.ModRevision, Key: string(ev.Kv.Key), Value: string(ev.Kv.Value), Deleted: ev.Type == clientv3.EventTypeDelete})
+			out = append(out, event{Rev: ev.Kv.ModRevision, Key: string(ev.Kv.Key), Value: string(ev.Kv.Value), Deleted: ev.Type == clientv3.EventTypeDelete, Lease: ev.Kv.Lease})
 		}
 		if resp.IsProgressNotify() && resp.Header.Revision >= to {
 			return out, nil
@@ -176,4 +173,11 @@ func checkAcked(h *History, ref []event) []string {
 		}
 	}
 	return problems
+}
+
+// gap is the longest time within [from, to] in which the watcher got no event.
+func (w *Watcher) gap(from, to time.Time) time.Duration {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return longestWithout(w.delivered, from, to)
 }

@@ -39,6 +39,8 @@ type Input struct {
 	Expect string // cas: the value compared against
 	Lease  int64  // lput, revoke
 	Marker string // delete: the unique value its transaction writes to the group's marker key
+	Seg    int    // the segment the checker puts it in (segment.go)
+	State  state  // init, assert: the state a segment starts from or must be able to end in
 }
 
 // Output is what it got back.

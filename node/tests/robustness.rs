@@ -35,7 +35,7 @@ fn histories_recorded_under_every_fault_are_linearizable() {
         "--target",
         "raftkv",
         "--rounds",
-        "8",
+        "9",
         "--require-partitions",
         "--bin",
     ]
