@@ -126,3 +126,89 @@ async fn after_the_leader_is_removed_and_killed_writes_resume_within_a_few_elect
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// After the leader's own removal Raft still names it as leader until another is elected, and
+/// a linearizable read on a follower took that for a leader without an address and looped
+/// without ever waiting: a whole core for the request timeout, which starved the member's Raft
+/// task too (in the robustness suite, 7-14 s without a leader after replace-leader). With the
+/// other follower stopped, no new leader can come, so the read must wait idle and then fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_whose_leader_was_removed_waits_for_the_next_without_spinning() {
+    let mut c = Cluster::start(Options {
+        // Long enough that the followers cannot elect before the test stops one of them.
+        election_timeout_ms: 8000,
+        extra_args: vec!["--request-timeout-ms".into(), "3000".into()],
+        ..Options::default()
+    });
+    let leader = c.leader(Duration::from_secs(40)).await;
+    let via = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let id = c.members[leader].id;
+    let mut kv = c.kv(via).await;
+    kv.put(authed(put_req("before", "v"), &c.token))
+        .await
+        .expect("a write before");
+    let mut cluster = ClusterClient::new(c.channel(via).await);
+    let removal = cluster
+        .member_remove(authed(pb::MemberRemoveRequest { id }, &c.token))
+        .await;
+    assert!(
+        removal.is_ok(),
+        "removing the leader: {removal:?}\n{}",
+        c.log_tail(leader)
+    );
+    // Once `via` has applied the removal, leave it without a quorum.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    loop {
+        let list = cluster
+            .member_list(authed(
+                pb::MemberListRequest {
+                    linearizable: false,
+                },
+                &c.token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        if list.members.iter().all(|m| m.id != id) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the removal never reached the follower"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.signal(other, "STOP");
+    let pid = c.members[via].child.as_ref().map(|ch| ch.id()).unwrap();
+    let cpu_before = cpu_seconds_of(pid);
+    let started = Instant::now();
+    let read = tokio::time::timeout(
+        Duration::from_secs(20),
+        kv.range(authed(get_req("before"), &c.token)),
+    )
+    .await
+    .expect("the read is answered within its request timeout");
+    let cpu = cpu_seconds_of(pid) - cpu_before;
+    let took = started.elapsed();
+    c.signal(other, "CONT");
+    let err = read.expect_err("no leader can be elected while the other follower is stopped");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        cpu < 1.0,
+        "the follower burned {cpu:.2} s of CPU in {took:?} waiting for a leader"
+    );
+    // Once the other follower is back, the two elect and serve.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while kv
+        .put(authed(put_req("after", "v"), &c.token))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no write after the other follower came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -33,6 +33,26 @@ pub fn rss_of(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user and system) process `pid` has used so far, in seconds (0 when it is gone).
+pub fn cpu_seconds_of(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The command name (field 2) may hold spaces; utime and stime are fields 14 and 15.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields after the name start at 3; the kernel counts in USER_HZ, 100 on Linux.
+    (ticks(14 - 3) + ticks(15 - 3)) / 100.0
+}
+
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
@@ -83,6 +103,8 @@ pub struct Options {
     pub tls: bool,
     /// Run the peer port without TLS (`--insecure-peer-plaintext`).
     pub insecure_peer: bool,
+    /// `--election-timeout-ms` (heartbeats every tenth of it).
+    pub election_timeout_ms: u64,
 }
 
 /// Certificates for a test cluster: a CA, a member certificate valid for 127.0.0.1 and
@@ -156,6 +178,7 @@ impl Default for Options {
             auth_args: None,
             tls: false,
             insecure_peer: false,
+            election_timeout_ms: 500,
         }
     }
 }
@@ -374,8 +397,14 @@ impl Cluster {
             .args(["--cluster-token", &self.cluster_token])
             .arg("--initial-root-password-file")
             .arg(&self.root_password_file)
-            .args(["--heartbeat-interval-ms", "50"])
-            .args(["--election-timeout-ms", "500"])
+            .args([
+                "--heartbeat-interval-ms",
+                &(self.opts.election_timeout_ms / 10).max(1).to_string(),
+            ])
+            .args([
+                "--election-timeout-ms",
+                &self.opts.election_timeout_ms.to_string(),
+            ])
             .args([
                 "--snapshot-threshold",
                 &self.opts.snapshot_threshold.to_string(),

@@ -66,9 +66,15 @@ impl ClusterService {
     }
 
     /// The members after removing `id`. A member that removed itself gets no more entries from
-    /// the leader, so it cannot wait to see the change: it answers from what it knows.
-    async fn members_after_removing(&self, id: u64) -> Result<Vec<pb::Member>, Status> {
-        if id != self.api.consensus.id() {
+    /// the leader, so it cannot wait to see the change: it answers from what it knows. So does
+    /// any member once the leader removed itself: a linearizable wait would need the next
+    /// leader, an election away, and the removal has committed already.
+    async fn members_after_removing(
+        &self,
+        id: u64,
+        was_leader: bool,
+    ) -> Result<Vec<pb::Member>, Status> {
+        if id != self.api.consensus.id() && !was_leader {
             return self.members_after().await;
         }
         let mut members = members_out(&self.api.consensus.status());
@@ -153,12 +159,13 @@ impl Cluster for ClusterService {
                 "etcdserver: re-configuration failed: cannot remove the last voting member",
             ));
         }
+        let was_leader = s.leader == Some(id);
         self.change(&caller, MembershipChange::Remove { id })
             .await?;
         tracing::info!(member = id, "member removed");
         Ok(Response::new(pb::MemberRemoveResponse {
             header: self.api.header(0),
-            members: self.members_after_removing(id).await?,
+            members: self.members_after_removing(id, was_leader).await?,
         }))
     }
 

@@ -495,15 +495,7 @@ impl Consensus {
     }
 
     fn leader_node(&self) -> Option<(NodeId, MemberNode)> {
-        let m = self.inner.raft.metrics();
-        let m = m.borrow_watched();
-        let leader = m.current_leader?;
-        let node = m
-            .membership_config
-            .membership()
-            .get_node(&leader)
-            .cloned()?;
-        Some((leader, node))
+        leader_in(&self.inner.raft.metrics().borrow_watched())
     }
 
     /// Waits until some leader is known, up to `timeout`.
@@ -523,10 +515,13 @@ impl Consensus {
     }
 
     /// The leader, once there is one that `wanted` accepts; `None` if Raft stopped first.
+    /// Only a leader the membership names counts, as for `leader_node`: after the leader's own
+    /// removal, Raft still names it until another is elected, and a caller that took that for
+    /// a leader and went back to `leader_node` would loop without ever waiting.
     async fn leader_when(&self, wanted: impl Fn(NodeId) -> bool) -> Option<NodeId> {
         let mut rx = self.inner.raft.metrics();
         loop {
-            if let Some(l) = rx.borrow_and_update().current_leader.filter(|l| wanted(*l)) {
+            if let Some((l, _)) = leader_in(&rx.borrow_and_update()).filter(|(l, _)| wanted(*l)) {
                 return Some(l);
             }
             rx.changed().await.ok()?;
@@ -932,18 +927,21 @@ impl Consensus {
                     .await)
             }
             MembershipChange::Remove { id } => {
+                // Removing a voter without retaining it removes the node too. A second step
+                // after it could not be proposed by a leader that just removed itself, and
+                // turned a removal that had happened into "no leader" for the caller.
                 let status = self.status();
                 if status.voters.contains(&id) {
                     map(raft
                         .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
-                        .await)?;
-                }
-                if self.status().nodes.contains_key(&id) {
+                        .await)
+                } else if status.nodes.contains_key(&id) {
                     map(raft
                         .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
-                        .await)?;
+                        .await)
+                } else {
+                    Ok(())
                 }
-                Ok(())
             }
             MembershipChange::UpdateNode { id, node } => {
                 // Setting a node that is not a member would add it as a learner: a member that
@@ -1093,6 +1091,17 @@ impl Consensus {
             tracing::warn!(error = %e, "raft shutdown");
         }
     }
+}
+
+/// The leader Raft knows of, with its address, if the membership still names it.
+fn leader_in(m: &RaftMetrics<TypeConfig>) -> Option<(NodeId, MemberNode)> {
+    let leader = m.current_leader?;
+    let node = m
+        .membership_config
+        .membership()
+        .get_node(&leader)
+        .cloned()?;
+    Some((leader, node))
 }
 
 /// Logs leadership and membership changes once each, and counts leader changes.
