@@ -324,3 +324,26 @@ async fn a_write_held_by_a_paused_leader_is_answered_once_another_member_leads()
         assert!(status.message().contains("leader changed"), "{status:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_held_by_a_paused_leader_is_served_once_another_member_leads() {
+    let c = Cluster::start(Options::default());
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let follower = (leader + 1) % 3;
+    let mut kv = c.kv(follower).await;
+    kv.put(authed(put_req("paused/read", "v"), &c.token))
+        .await
+        .expect("a write before the pause");
+    c.signal(leader, "STOP");
+    let started = Instant::now();
+    // The follower asks the paused member, still its leader, to confirm the read index.
+    let answer = kv.range(authed(get_req("paused/read"), &c.token)).await;
+    let took = started.elapsed();
+    c.signal(leader, "CONT");
+    // Reads can be asked again, so once another member leads (within about two election
+    // timeouts, 500 ms here) the read is served; before the fix it waited out the request
+    // timeout (7 s) for the paused leader and then failed.
+    let kvs = answer.expect("the read is served").into_inner().kvs;
+    assert_eq!(kvs.len(), 1);
+    assert!(took < Duration::from_secs(3), "served after {took:?}");
+}

@@ -731,10 +731,17 @@ impl Consensus {
                     Err(LocalError::Failed(e)) => return Err(e),
                 }
             } else {
-                match self.remote_read_index(&leader.1, timeout).await {
-                    Ok(i) => return Ok(i),
-                    Err(ForwardError::NotDelivered) => {}
-                    Err(ForwardError::Failed(e)) => return Err(e),
+                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                // A leader that was cut off or paused holds the request until it times out;
+                // once another member leads, ask that one instead. Reads can be asked again.
+                let asked = tokio::select! {
+                    r = self.remote_read_index(&leader.1, remaining) => Some(r),
+                    () = self.wait_leader_other_than(leader.0) => None,
+                };
+                match asked {
+                    Some(Ok(i)) => return Ok(i),
+                    Some(Err(ForwardError::NotDelivered)) | None => {}
+                    Some(Err(ForwardError::Failed(e))) => return Err(e),
                 }
             }
             if tokio::time::Instant::now() >= deadline {
