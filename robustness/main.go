@@ -38,12 +38,15 @@ var faults = []string{
 type Round struct {
 	N        int     `json:"round"`
 	Fault    string  `json:"fault"`
+	At       string  `json:"injected_at"` // UTC, to match the member logs
 	Slot     int     `json:"slot"`
 	Failover float64 `json:"longest_write_gap_s"`
 	NoLeader float64 `json:"isolated_leader_reports_no_leader_after_s,omitempty"`
 	// The longest time either watcher got no event (it includes any time without writes).
 	WatchGap float64 `json:"longest_watch_gap_s"`
-	Err      string  `json:"error,omitempty"`
+	// For a kill of the member serving a watcher: that watcher's longest gap.
+	WatchResume float64 `json:"watch_gap_after_its_member_was_killed_s,omitempty"`
+	Err         string  `json:"error,omitempty"`
 }
 
 // Report is the outcome of a run.
@@ -71,6 +74,9 @@ type FaultStats struct {
 	MaxFailover float64 `json:"max_longest_write_gap_s"`
 	MaxNoLeader float64 `json:"max_no_leader_report_s,omitempty"`
 	MaxWatchGap float64 `json:"max_longest_watch_gap_s"`
+	// Kills of a member that served a watcher, and the longest such watcher's gap.
+	WatchKills     int     `json:"kills_of_a_watchers_member,omitempty"`
+	MaxWatchResume float64 `json:"max_watch_gap_after_its_member_was_killed_s,omitempty"`
 }
 
 func main() {
@@ -168,9 +174,12 @@ func main() {
 		}
 		fault := use[(n-1)%len(use)]
 		r := runRound(c, h, watchers, n, fault, rnd)
-		fmt.Printf("round %3d %-20s slot %d  longest write gap %5.2fs  watch gap %5.2fs", r.N, r.Fault, r.Slot, r.Failover, r.WatchGap)
+		fmt.Printf("round %3d %s %-20s slot %d  longest write gap %5.2fs  watch gap %5.2fs", r.N, r.At, r.Fault, r.Slot, r.Failover, r.WatchGap)
 		if r.NoLeader > 0 {
 			fmt.Printf("  no-leader reported after %.2fs", r.NoLeader)
+		}
+		if r.WatchResume > 0 {
+			fmt.Printf("  a watcher's member: watch resumed within %.2fs", r.WatchResume)
 		}
 		if r.Err != "" {
 			fmt.Printf("  ERROR %s", r.Err)
@@ -185,6 +194,12 @@ func main() {
 		}
 		if r.WatchGap > fs.MaxWatchGap {
 			fs.MaxWatchGap = r.WatchGap
+		}
+		if r.WatchResume > 0 {
+			fs.WatchKills++
+			if r.WatchResume > fs.MaxWatchResume {
+				fs.MaxWatchResume = r.WatchResume
+			}
 		}
 		if r.NoLeader > fs.MaxNoLeader {
 			fs.MaxNoLeader = r.NoLeader
@@ -215,7 +230,7 @@ func main() {
 		report.Violations = append(report.Violations, w.compare(ref, endRev)...)
 		report.WatchEvents[w.name] = len(w.events)
 		report.WatchResumes[w.name] = w.resumes
-		report.WatchLongestGap[w.name] = w.gap(time.Time{}, time.Now()).Seconds()
+		report.WatchLongestGap[w.name] = w.gap(h.start, time.Now()).Seconds()
 	}
 
 	report.Operations = len(h.ops)
@@ -277,6 +292,9 @@ func summarize(r Report) {
 		if s.MaxNoLeader > 0 {
 			fmt.Printf(", isolated leader reported no leader within %.2fs", s.MaxNoLeader)
 		}
+		if s.WatchKills > 0 {
+			fmt.Printf(", %d kills of a watcher's member, resumed within %.2fs", s.WatchKills, s.MaxWatchResume)
+		}
 		fmt.Println()
 	}
 	fmt.Printf("indeterminate writes: %d happened, %d did not, %d revokes without effect, %d left open; checked in %d segments (largest %d operations) in %.1fs\n",
@@ -326,12 +344,22 @@ func runRound(c *Cluster, h *History, watchers []*Watcher, n int, fault string, 
 	hold := time.Duration(2000+rnd.Intn(2000)) * time.Millisecond
 	t0 := time.Now()
 	var err error
+	// Watchers served by the member a kill takes down: their gap is how long they took to
+	// resume through another member.
+	var onVictim []*Watcher
 	switch fault {
 	case "kill-random", "kill-leader":
 		r.Slot = random
 		if fault == "kill-leader" {
 			r.Slot = leader
 		}
+		victim := c.memberID(r.Slot)
+		for _, w := range watchers {
+			if w.servedBy(victim) {
+				onVictim = append(onVictim, w)
+			}
+		}
+		t0 = time.Now()
 		if err = c.Kill(r.Slot); err == nil {
 			time.Sleep(hold)
 			err = c.Restart(r.Slot)
@@ -391,11 +419,17 @@ func runRound(c *Cluster, h *History, watchers []*Watcher, n int, fault string, 
 		r.Err = werr.Error()
 	}
 	time.Sleep(time.Second)
+	r.At = t0.UTC().Format("15:04:05.000")
 	from, to := t0.Add(-500*time.Millisecond), time.Now()
 	r.Failover = longestGap(h, from, to).Seconds()
 	for _, w := range watchers {
 		if g := w.gap(from, to).Seconds(); g > r.WatchGap {
 			r.WatchGap = g
+		}
+	}
+	for _, w := range onVictim {
+		if g := w.gap(from, to).Seconds(); g > r.WatchResume {
+			r.WatchResume = g
 		}
 	}
 	return r

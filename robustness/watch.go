@@ -31,7 +31,9 @@ type Watcher struct {
 	resumes int
 	// When events were delivered, for the longest time without any (overall and per round).
 	delivered []time.Time
-	problems  []string
+	// The member that sent the last response (its header says so).
+	member   uint64
+	problems []string
 }
 
 func (w *Watcher) Run(ctx context.Context) {
@@ -55,6 +57,7 @@ func (w *Watcher) Run(ctx context.Context) {
 			}
 			now := time.Now()
 			w.mu.Lock()
+			w.member = resp.Header.MemberId
 			for _, ev := range resp.Events {
 				e := event{Rev: ev.Kv.ModRevision, Key: string(ev.Kv.Key), Value: string(ev.Kv.Value), Deleted: ev.Type == clientv3.EventTypeDelete, Lease: ev.Kv.Lease}
 				w.events = append(w.events, e)
@@ -180,4 +183,11 @@ func (w *Watcher) gap(from, to time.Time) time.Duration {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return longestWithout(w.delivered, from, to)
+}
+
+// servedBy: whether member id sent the watcher's last response.
+func (w *Watcher) servedBy(id uint64) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return id != 0 && w.member == id
 }

@@ -361,9 +361,15 @@ impl Consensus {
             .and_then(|t| *t)
             .map(|t| t.elapsed().as_millis() as u64);
         let limit = self.inner.config.election_timeout.as_millis() as u64;
+        // A leader hears from its quorum every heartbeat. It stops vouching for itself two
+        // heartbeats short of an election timeout without it, so that clients learn it is cut
+        // off within one election timeout (as etcd's check-quorum) even counting the time
+        // to ask; the others may elect a successor from one election timeout on.
+        let heartbeat = self.inner.config.heartbeat_interval.as_millis() as u64;
+        let leader_limit = limit.saturating_sub(2 * heartbeat).max(limit / 2);
         let vouched = match s.leader {
             Some(l) if l == s.id => {
-                s.voters.len() <= 1 || s.quorum_ack_age_ms.is_some_and(|a| a <= limit)
+                s.voters.len() <= 1 || s.quorum_ack_age_ms.is_some_and(|a| a <= leader_limit)
             }
             Some(_) => s.leader_contact_age_ms.is_some_and(|a| a <= limit),
             None => false,
