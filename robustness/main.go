@@ -93,7 +93,21 @@ func main() {
 	checkTimeout := flag.Duration("check-timeout", 10*time.Minute, "how long porcupine may search before the run counts as undecided")
 	memberLog := flag.String("member-log", "info,openraft=warn", "RUST_LOG for raftkv members")
 	needPartitions := flag.Bool("require-partitions", false, "fail instead of running without the partition faults when network namespaces are unavailable")
+	recheckFile := flag.String("recheck", "", "check a history.json a failed run saved, and nothing else")
 	flag.Parse()
+	if *recheckFile != "" {
+		ok, err := recheck(*recheckFile, *checkTimeout)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "robustness:", err)
+			os.Exit(2)
+		}
+		if !ok {
+			fmt.Println("not linearizable")
+			os.Exit(1)
+		}
+		fmt.Println("linearizable")
+		return
+	}
 	if *bin == "" {
 		fmt.Fprintln(os.Stderr, "--bin is required")
 		os.Exit(2)
@@ -245,6 +259,7 @@ func main() {
 	ops, patched := patchHistory(h.ops, ref, leaseChecker(c))
 	report.Patched = patched
 	report.Violations = append(report.Violations, patched.Problems...)
+	resolved := ops
 	ops, report.Segments = segment(ops, ref, segmentOps)
 	checkStarted := time.Now()
 	res, info := porcupine.CheckOperationsVerbose(model, ops, *checkTimeout)
@@ -254,6 +269,9 @@ func main() {
 	case porcupine.Illegal:
 		report.Violations = append(report.Violations, "the history is not linearizable (see linearization.html)")
 		_ = porcupine.VisualizePath(model, info, filepath.Join(*artifacts, "linearization.html"))
+		if err := saveHistory(filepath.Join(*artifacts, "history.json"), resolved, ref); err != nil {
+			fmt.Fprintln(os.Stderr, "robustness: saving the history:", err)
+		}
 	case porcupine.Unknown:
 		report.Violations = append(report.Violations, fmt.Sprintf("porcupine could not decide within %v", *checkTimeout))
 	}

@@ -109,11 +109,16 @@ func patchHistory(ops []porcupine.Operation, ref []event, leaseAlive func(int64)
 				op.Return = ret
 			}
 		}
+		// The revision goes with it: the checker's segments are joined at the highest revision
+		// their operations observed (segment.go), and one that took effect at rev belongs there.
 		switch in.Op {
 		case "cas":
 			op.Output = Output{Succeeded: true, Rev: rev}
 		case "put", "lput", "mput", "revoke":
 			op.Output = Output{Rev: rev}
+		case "delete":
+			// How many keys it deleted stays unknown; the model deletes the key either way.
+			op.Output = Output{Unknown: true, Rev: rev}
 		}
 		out = append(out, op)
 	}

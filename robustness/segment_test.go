@@ -81,3 +81,29 @@ func TestASegmentThatCannotEndWhereTheStoreSaysIsAViolation(t *testing.T) {
 		t.Fatal("the join state must be one the segment before can reach")
 	}
 }
+
+// An indeterminate delete that happened is closed by the first response anywhere at its
+// revision or later, possibly another group's, before the group's next cut. The cut's state
+// must then include it, so the delete's revision has to count for the cut.
+func TestAResolvedDeleteCountsForTheCutItPrecedes(t *testing.T) {
+	k, other := key(0, 0), key(1, 0)
+	ops := []porcupine.Operation{
+		op(1, Input{Op: "put", Group: 0, Keys: []string{k}, Values: []string{"a"}}, 0, 10, Output{Rev: 2}),
+		op(2, Input{Op: "delete", Group: 0, Keys: []string{k}, Marker: "m"}, 20, never, Output{Unknown: true}),
+		// Group 1 sees revision 3 (the delete's) before group 0's next operation is called.
+		op(3, Input{Op: "get", Group: 1, Keys: []string{other}}, 30, 40, Output{Values: []string{""}, Exists: []bool{false}, Rev: 3}),
+		op(1, Input{Op: "get", Group: 0, Keys: []string{k}}, 50, 60, Output{Values: []string{""}, Exists: []bool{false}, Rev: 3}),
+	}
+	ref := []event{{Rev: 2, Key: k, Value: "a"}, {Rev: 3, Key: k, Deleted: true}, {Rev: 3, Key: markerKey(0), Value: "m"}}
+	patched, stats := patchHistory(ops, ref, noLeases)
+	if stats.Happened != 1 || patched[1].Return != 40 {
+		t.Fatalf("the delete happened and returned by 40: %+v %+v", stats, patched[1])
+	}
+	seg, segs := segment(patched, ref, 1)
+	if segs.Segments < 3 {
+		t.Fatalf("expected group 0 cut after the delete: %+v", segs)
+	}
+	if !porcupine.CheckOperations(model, seg) {
+		t.Fatal("the history is linearizable")
+	}
+}
