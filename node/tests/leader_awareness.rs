@@ -347,3 +347,42 @@ async fn a_read_held_by_a_paused_leader_is_served_once_another_member_leads() {
     assert_eq!(kvs.len(), 1);
     assert!(took < Duration::from_secs(3), "served after {took:?}");
 }
+
+/// Reads on the leader rely on a recent quorum acknowledgement (`--read-lease-ms`) rather than a
+/// round of their own. A leader paused past an election wakes with only an old acknowledgement,
+/// so it must confirm with the others (and learn it was replaced) before it serves anything: a
+/// read through it never returns the value the new leader already overwrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_leader_that_wakes_serves_no_stale_read() {
+    let c = Cluster::start(Options::default());
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let follower = (leader + 1) % 3;
+    let mut old = c.kv(leader).await;
+    old.put(authed(put_req("stale/k", "before"), &c.token))
+        .await
+        .expect("a write before the pause");
+    c.signal(leader, "STOP");
+    let mut kv = c.kv(follower).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while kv
+        .put(authed(put_req("stale/k", "after"), &c.token))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no write while the leader was paused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.signal(leader, "CONT");
+    // Right after waking, before anything tells it about the new leader.
+    match old.range(authed(get_req("stale/k"), &c.token)).await {
+        Ok(r) => {
+            let kvs = r.into_inner().kvs;
+            assert_eq!(kvs.len(), 1);
+            assert_eq!(kvs[0].value, b"after", "a stale read from the woken leader");
+        }
+        Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+    }
+}
