@@ -421,8 +421,17 @@ func (c *Cluster) Replace(slot int) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	id := c.memberID(slot)
-	if _, err := cli.MemberRemove(ctx, id); err != nil {
-		return fmt.Errorf("remove %x: %w", id, err)
+	// etcd refuses a removal while a member has not been connected for long ("unhealthy
+	// cluster"), and a removed leader may stop before it answers: retry until the member is gone.
+	for {
+		_, err := cli.MemberRemove(ctx, id)
+		if err == nil || !c.isMember(ctx, cli, id) {
+			break
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("remove %x: %w", id, err)
+		}
+		time.Sleep(300 * time.Millisecond)
 	}
 	if err := c.Kill(slot); err != nil {
 		return err
@@ -431,12 +440,14 @@ func (c *Cluster) Replace(slot int) error {
 	// a retry after an add that did land finds the learner by its URL.
 	var members []*etcdserverpb.Member
 	var newID uint64
+	var lastErr error
 	for newID == 0 {
 		add, err := cli.MemberAddAsLearner(ctx, []string{c.PeerURL(slot)})
 		if err == nil {
 			newID, members = add.Member.ID, add.Members
 			break
 		}
+		lastErr = err
 		if list, lerr := cli.MemberList(ctx); lerr == nil {
 			for _, m := range list.Members {
 				if len(m.PeerURLs) > 0 && m.PeerURLs[0] == c.PeerURL(slot) {
@@ -445,7 +456,7 @@ func (c *Cluster) Replace(slot int) error {
 			}
 		}
 		if newID == 0 && ctx.Err() != nil {
-			return fmt.Errorf("add learner: %w", err)
+			return fmt.Errorf("add learner: %v (last refusal: %v)", err, lastErr)
 		}
 		time.Sleep(300 * time.Millisecond)
 	}
@@ -492,4 +503,18 @@ func (c *Cluster) Stop() {
 		}
 	}
 	c.Heal()
+}
+
+// isMember: whether the cluster still lists id (true when it cannot be asked).
+func (c *Cluster) isMember(ctx context.Context, cli *clientv3.Client, id uint64) bool {
+	list, err := cli.MemberList(ctx)
+	if err != nil {
+		return true
+	}
+	for _, m := range list.Members {
+		if m.ID == id {
+			return true
+		}
+	}
+	return false
 }
