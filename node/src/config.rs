@@ -107,14 +107,6 @@ pub struct ServeArgs {
     #[arg(long, env = "RAFTKV_REQUEST_TIMEOUT_MS", default_value_t = 7_000)]
     pub request_timeout_ms: u64,
 
-    /// Linearizable reads on the leader skip the round to a quorum if a quorum acknowledged
-    /// the leader within this many milliseconds (its heartbeats refresh that every heartbeat
-    /// interval). At most a quarter of the election timeout is used: the others promise not to
-    /// elect anyone for three quarters of it after hearing from the leader. 0 confirms every
-    /// read with a quorum, as etcd does.
-    #[arg(long, env = "RAFTKV_READ_LEASE_MS", default_value_t = 250)]
-    pub read_lease_ms: u64,
-
     // ---- Storage ----
     /// Most MiB per second RocksDB writes in the background (flushes and compactions); 0 for no
     /// limit. Unthrottled bursts delay the log's fsyncs and so every write's commit; raise it on
@@ -379,11 +371,6 @@ impl ServeArgs {
 
     pub fn election_timeout(&self) -> Duration {
         Duration::from_millis(self.election_timeout_ms)
-    }
-
-    /// How old a quorum's acknowledgement a linearizable read may rely on (see `read_lease_ms`).
-    pub fn read_lease(&self) -> Duration {
-        Duration::from_millis(self.read_lease_ms.min(self.election_timeout_ms / 4))
     }
 }
 

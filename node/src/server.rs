@@ -321,7 +321,6 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
             snapshot_threshold: args.snapshot_threshold,
             snapshot_log_keep: args.snapshot_log_keep,
             request_timeout: Duration::from_millis(args.request_timeout_ms),
-            read_lease: args.read_lease(),
             peer_tls: peer_tls.as_ref().map(|(c, _, _)| c.clone()),
             peer_identity: peer_tls.as_ref().map(|(_, _, i)| i.clone()),
             known_peer_hosts,
@@ -335,8 +334,6 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
 
     if data.fresh && args.initial_cluster_state == ClusterState::Existing {
         consensus.abstain_until_caught_up();
-    } else if !data.fresh {
-        consensus.abstain_after_restart(args.election_timeout());
     }
 
     // Peer port first: other members may be waiting for us.

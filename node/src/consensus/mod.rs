@@ -60,9 +60,6 @@ pub struct ConsensusConfig {
     pub snapshot_log_keep: u64,
     /// How long a request waits for a leader, a commit or a read index.
     pub request_timeout: Duration,
-    /// How old a quorum's acknowledgement of the leader a linearizable read may rely on
-    /// instead of a round of its own; zero for a round per read (see `local_read_index`).
-    pub read_lease: Duration,
     pub peer_tls: Option<tonic::transport::ClientTlsConfig>,
     /// With peer TLS: what a connecting member's certificate must show.
     pub peer_identity: Option<Arc<crate::tls::PeerIdentity>>,
@@ -211,9 +208,6 @@ struct Inner {
     /// promotion that a member's own attribute update overtook was reported failed although
     /// the member had become a voter.
     membership_changes: tokio::sync::Mutex<()>,
-    /// Set while this leader hands leadership over: the others then vote without waiting out
-    /// their promise to it, so its reads confirm leadership with a quorum round again.
-    handing_over: std::sync::atomic::AtomicBool,
     leader_changes: std::sync::atomic::AtomicU64,
     /// Becomes true once this member applied a membership that no longer names it, or a
     /// member answered its vote request saying so.
@@ -291,7 +285,6 @@ impl Consensus {
         .map_err(|e| format!("starting raft: {e}"))?;
         let inner = Arc::new(Inner {
             abstaining: std::sync::atomic::AtomicBool::new(false),
-            handing_over: std::sync::atomic::AtomicBool::new(false),
             membership_changes: tokio::sync::Mutex::new(()),
             leader_changes: std::sync::atomic::AtomicU64::new(0),
             removed: channels.removed.clone(),
@@ -398,14 +391,6 @@ impl Consensus {
         self.status().leader.is_some()
     }
 
-    /// Stops reads relying on the leader's lease until leadership changes: a transfer frees
-    /// the others from their promise not to elect anyone else.
-    fn begin_handover(&self) {
-        self.inner
-            .handing_over
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-
     /// Hands leadership to the most up-to-date other voter, if this member leads, and waits up
     /// to `within` for it to move: what a member does before it stops, so that clients see no
     /// election timeout.
@@ -422,7 +407,6 @@ impl Consensus {
         else {
             return false;
         };
-        self.begin_handover();
         if self.inner.raft.trigger().transfer_leader(to).await.is_err() {
             return false;
         }
@@ -474,20 +458,6 @@ impl Consensus {
                     return;
                 }
             }
-        });
-    }
-
-    /// For a member restarting on its data: it grants no votes for `period`. Before it stopped
-    /// it may have acknowledged a leader, promising (by Raft's leader lease) not to help elect
-    /// another for a while; a restart forgets when, and a leader's reads rely on that promise
-    /// (see `local_read_index`). Waiting one election timeout keeps every such promise.
-    pub fn abstain_after_restart(&self, period: Duration) {
-        use std::sync::atomic::Ordering;
-        self.inner.abstaining.store(true, Ordering::SeqCst);
-        let this = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(period).await;
-            this.inner.abstaining.store(false, Ordering::SeqCst);
         });
     }
 
@@ -794,24 +764,10 @@ impl Consensus {
     }
 
     async fn local_read_index(&self) -> Result<u64, LocalError> {
-        // A quorum acknowledged this leader at most `read_lease` ago (stamped when the leader
-        // sent what they acknowledged), and each of them refuses to vote for anyone else for
-        // three quarters of an election timeout after hearing from it; the lease is at most a
-        // quarter. So no other leader can exist yet, and the commit index is the read index
-        // without another round. Older than that, openraft sends heartbeats at once and the read
-        // waits for their quorum, as ReadIndex does. A leader handing over gets no such promise.
-        let lease = self.inner.config.read_lease;
-        let option = if lease.is_zero()
-            || self
-                .inner
-                .handing_over
-                .load(std::sync::atomic::Ordering::SeqCst)
-        {
-            openraft::LinearizerOption::from(openraft::ReadPolicy::ReadIndex)
-        } else {
-            openraft::LinearizerOption::new(Some(lease), true)
-        };
-        let fut = self.inner.raft.get_read_linearizer(option);
+        let fut = self
+            .inner
+            .raft
+            .get_read_linearizer(openraft::ReadPolicy::ReadIndex);
         match tokio::time::timeout(self.inner.config.request_timeout, fut).await {
             Err(_) => Err(LocalError::Failed(ProposeError::Unavailable(
                 "request timed out confirming leadership".into(),
@@ -1023,7 +979,6 @@ impl Consensus {
                 if !self.status().is_leader() {
                     return Err(LocalError::Forward);
                 }
-                self.begin_handover();
                 raft.trigger()
                     .transfer_leader(to)
                     .await
@@ -1219,9 +1174,6 @@ async fn observe(c: Consensus) {
             )
         };
         if now_leader != leader {
-            c.inner
-                .handing_over
-                .store(false, std::sync::atomic::Ordering::SeqCst);
             match now_leader {
                 Some(l) => {
                     c.inner

@@ -139,7 +139,7 @@ impl RaftPeer for PeerService {
         self.check_cluster(&req)?;
         if self.consensus.is_abstaining() {
             return Err(Status::unavailable(
-                "member abstains from elections for now (it joined with empty storage and is catching up, or has just restarted)",
+                "member is joining with empty storage and abstains from elections until caught up",
             ));
         }
         let rpc: openraft::raft::VoteRequest<TypeConfig> =
@@ -164,7 +164,7 @@ impl RaftPeer for PeerService {
         self.check_cluster(&req)?;
         if self.consensus.is_abstaining() {
             return Err(Status::unavailable(
-                "member abstains from elections for now (it joined with empty storage and is catching up, or has just restarted)",
+                "member is joining with empty storage and abstains from elections until caught up",
             ));
         }
         let rpc: openraft::raft::VoteRequest<TypeConfig> =
