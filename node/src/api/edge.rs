@@ -10,6 +10,7 @@ use crate::auth::{Authenticator, Caller};
 use crate::metrics::Metrics;
 use crate::model::{Credential, Principal};
 use crate::storage::auth_state::AuthCache;
+use crate::storage::auth_state::TokenStanding;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -107,10 +108,10 @@ impl<S> Edge<S> {
             }
             other => other?,
         };
-        if self.auth.get().token_current(&caller.principal) {
-            Ok(caller)
-        } else {
-            Err(TokenError::Revoked)
+        match self.auth.get().token_standing(&caller.principal) {
+            TokenStanding::Current => Ok(caller),
+            TokenStanding::Revoked => Err(TokenError::Revoked),
+            TokenStanding::AheadOfThisMember => Err(TokenError::NotCaughtUp),
         }
     }
 }
@@ -275,7 +276,13 @@ where
                         .with_label_values(&[e.reason()])
                         .inc();
                     tracing::info!(path = %path.chars().take(128).collect::<String>(), reason = %e, "refused a request without a valid token");
-                    let status = status::unauthenticated(&e);
+                    // A member that is catching up cannot judge the token yet: the client
+                    // should retry (etcd clients do so elsewhere on Unavailable), not log in.
+                    let status = if e == TokenError::NotCaughtUp {
+                        tonic::Status::unavailable(e.to_string())
+                    } else {
+                        status::unauthenticated(&e)
+                    };
                     record(status.code());
                     return Box::pin(async move { Ok(status.into_http()) });
                 }

@@ -91,6 +91,10 @@ pub enum TokenError {
     Revoked,
     #[error("the client certificate's common name {0:?} names no user")]
     UnknownCertificateUser(String),
+    #[error(
+        "the token was issued after an auth change this member has not applied yet: it is catching up; retry, or ask another member"
+    )]
+    NotCaughtUp,
 }
 
 impl TokenError {
@@ -109,6 +113,7 @@ impl TokenError {
             TokenError::TooLarge(..) => "too_large",
             TokenError::Revoked => "revoked",
             TokenError::UnknownCertificateUser(_) => "certificate_user",
+            TokenError::NotCaughtUp => "not_caught_up",
         }
     }
 }

@@ -149,8 +149,21 @@ pub trait AuthSource {
 #[derive(Debug, Clone, Default)]
 pub struct AuthSnapshot {
     pub enabled: bool,
+    /// The auth revision this member has applied.
+    revision: u64,
     users: BTreeMap<String, User>,
     roles: BTreeMap<String, Role>,
+}
+
+/// Whether a token's user binding still holds on this member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenStanding {
+    Current,
+    /// The user was deleted, re-created or given a new password since.
+    Revoked,
+    /// Issued at an auth revision this member has not applied yet (it is catching up): it can
+    /// tell neither way.
+    AheadOfThisMember,
 }
 
 impl AuthSnapshot {
@@ -173,6 +186,7 @@ impl AuthSnapshot {
         }
         Ok(AuthSnapshot {
             enabled: src.enabled()?,
+            revision: src.auth_revision()?,
             users,
             roles,
         })
@@ -181,9 +195,19 @@ impl AuthSnapshot {
     /// False for a token issued to a stored user that has since been deleted, re-created or
     /// given a new password: such a token grants nothing.
     pub fn token_current(&self, p: &Principal) -> bool {
+        self.token_standing(p) == TokenStanding::Current
+    }
+
+    /// As `token_current`, telling a revoked token from one issued at an auth revision this
+    /// member has not applied yet.
+    pub fn token_standing(&self, p: &Principal) -> TokenStanding {
         match p.user_rev {
-            None => true,
-            Some(rev) => self.users.get(&p.name).is_some_and(|u| u.token_rev == rev),
+            None => TokenStanding::Current,
+            Some(rev) if self.users.get(&p.name).is_some_and(|u| u.token_rev == rev) => {
+                TokenStanding::Current
+            }
+            Some(rev) if rev > self.revision => TokenStanding::AheadOfThisMember,
+            Some(_) => TokenStanding::Revoked,
         }
     }
 
@@ -523,6 +547,49 @@ mod tests {
 
     fn iv(k: &str, e: &str) -> Interval {
         key_interval(k.as_bytes(), e.as_bytes())
+    }
+
+    #[test]
+    fn a_member_behind_the_token_cannot_judge_it_one_ahead_revokes_it() {
+        let user = |rev| User {
+            name: "alice".into(),
+            token_rev: rev,
+            ..Default::default()
+        };
+        let token = |rev| Principal {
+            name: "alice".into(),
+            roles: Vec::new(),
+            user_rev: Some(rev),
+        };
+        let snapshot = |revision, users: Vec<User>| AuthSnapshot {
+            enabled: true,
+            revision,
+            users: users.into_iter().map(|u| (u.name.clone(), u)).collect(),
+            roles: BTreeMap::new(),
+        };
+        // Issued at auth revision 7 to alice as she then was.
+        let current = snapshot(9, vec![user(7)]);
+        assert_eq!(current.token_standing(&token(7)), TokenStanding::Current);
+        // A later password change (revision 8) or deletion revokes it.
+        let changed = snapshot(9, vec![user(8)]);
+        assert_eq!(changed.token_standing(&token(7)), TokenStanding::Revoked);
+        assert_eq!(
+            snapshot(9, vec![]).token_standing(&token(7)),
+            TokenStanding::Revoked
+        );
+        // A member that has applied auth changes only up to revision 5 has not seen alice
+        // created, or not in the version the token names: it cannot tell.
+        let behind = snapshot(5, vec![]);
+        assert_eq!(
+            behind.token_standing(&token(7)),
+            TokenStanding::AheadOfThisMember
+        );
+        let older = snapshot(6, vec![user(3)]);
+        assert_eq!(
+            older.token_standing(&token(7)),
+            TokenStanding::AheadOfThisMember
+        );
+        assert!(!older.token_current(&token(7)));
     }
 
     #[test]
