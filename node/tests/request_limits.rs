@@ -270,7 +270,12 @@ async fn a_watch_from_revision_one_pages_through_history() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replaying_history_holds_a_page_in_memory_not_the_whole_history() {
-    let c = Cluster::start(Options::default());
+    // 1 MiB entries fsynced on a busy machine can keep heartbeats out past the tests' usual
+    // 500 ms election timeout; a leader change would fail a write this test does not retry.
+    let c = Cluster::start(Options {
+        election_timeout_ms: 2000,
+        ..Options::default()
+    });
     let mut kv = c.kv(0).await;
     // 240 MiB of history the watch below does not want, around a few keys it does.
     let big = "h".repeat(1 << 20);

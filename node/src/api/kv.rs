@@ -76,6 +76,7 @@ impl Api {
             .store()
             .read_view()
             .map_err(|e| status::from_storage(&e))?;
+        self.check_token(principal)?;
         if !self
             .grants(principal)
             .permits(PermType::Read, &r.key, &r.range_end)
@@ -205,6 +206,7 @@ impl Kv for KvService {
                 .store()
                 .read_view()
                 .map_err(|e| status::from_storage(&e))?;
+            self.api.check_token(&caller.principal)?;
             let grants = self.api.grants(&caller.principal);
             if !mvcc::authorize_op(&grants, &RequestOp::Txn(t.clone())) {
                 self.api.metrics.permission_denials.inc();

@@ -164,6 +164,17 @@ impl Api {
             .map_err(|e| status::from_propose(&e))
     }
 
+    /// Refuses a token found revoked in the state a read is about to use: the edge checked it
+    /// against what this member had applied then, which may have been behind the change.
+    pub fn check_token(&self, principal: &Principal) -> Result<(), Status> {
+        match self.executor.auth().get().token_standing(principal) {
+            crate::storage::auth_state::TokenStanding::Revoked => Err(status::unauthenticated(
+                &crate::auth::jwt::TokenError::Revoked,
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// What `principal` may do, per this node's current replicated roles.
     pub fn grants(&self, principal: &Principal) -> Grants {
         self.executor.auth().get().grants(Some(principal))
