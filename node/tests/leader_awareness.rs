@@ -364,18 +364,15 @@ async fn a_paused_leader_that_wakes_serves_no_stale_read() {
         .expect("a write before the pause");
     c.signal(leader, "STOP");
     let mut kv = c.kv(follower).await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while kv
-        .put(authed(put_req("stale/k", "after"), &c.token))
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no write while the leader was paused"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let r = put_until_accepted(
+        &mut kv,
+        &c.token,
+        ("stale/k", "after"),
+        Duration::from_secs(15),
+        Duration::from_millis(50),
+    )
+    .await;
+    assert!(r.is_ok(), "no write while the leader was paused: {r:?}");
     // A read sent while it is paused waits in its socket and is the first thing it sees on
     // waking, before anything tells it about the new leader.
     let pending = {

@@ -75,19 +75,15 @@ async fn a_removed_leader_stops_and_a_new_one_takes_over() {
         c.log_tail(leader)
     );
     let mut kv = c.kv(via).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match kv.put(authed(put_req("k", "v"), &c.token)).await {
-            Ok(_) => break,
-            Err(e) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "no write after the removal: {e:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    let r = put_until_accepted(
+        &mut kv,
+        &c.token,
+        ("k", "v"),
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+    )
+    .await;
+    assert!(r.is_ok(), "no write after the removal: {r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -199,18 +195,18 @@ async fn a_follower_whose_leader_was_removed_waits_for_the_next_without_spinning
         "the follower burned {cpu:.2} s of CPU in {took:?} waiting for a leader"
     );
     // Once the other follower is back, the two elect and serve.
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while kv
-        .put(authed(put_req("after", "v"), &c.token))
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no write after the other follower came back"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let r = put_until_accepted(
+        &mut kv,
+        &c.token,
+        ("after", "v"),
+        Duration::from_secs(40),
+        Duration::from_millis(200),
+    )
+    .await;
+    assert!(
+        r.is_ok(),
+        "no write after the other follower came back: {r:?}"
+    );
 }
 
 /// openraft changes a membership in two steps (joint, then uniform), and a change proposed in

@@ -797,6 +797,25 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// Puts `k`=`v` until the cluster accepts it (a leader is being elected), retrying every
+/// `every`; the last refusal if `within` passes first.
+pub async fn put_until_accepted(
+    kv: &mut KvClient<Channel>,
+    token: &str,
+    (k, v): (&str, &str),
+    within: Duration,
+    every: Duration,
+) -> Result<(), tonic::Status> {
+    let deadline = Instant::now() + within;
+    loop {
+        match kv.put(authed(put_req(k, v), token)).await {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(every).await,
+        }
+    }
+}
+
 pub fn put_req(k: &str, v: &str) -> pb::PutRequest {
     pb::PutRequest {
         key: k.as_bytes().to_vec(),
