@@ -9,6 +9,7 @@ mod forward;
 mod log_store;
 mod network;
 mod peer;
+mod pipe;
 mod reads;
 mod state_machine;
 #[cfg(test)]
@@ -201,6 +202,9 @@ pub type LeaderHandler = Arc<
 >;
 
 struct Inner {
+    /// Set as the member stops: long-lived streams from peers end then, or the peer server
+    /// would wait for them.
+    stopping: watch::Sender<bool>,
     /// While set, this member grants no votes (see `abstain_until_caught_up`).
     abstaining: std::sync::atomic::AtomicBool,
     /// One membership change at a time on the leader: openraft makes a change in two steps
@@ -221,7 +225,9 @@ struct Inner {
     store: Store,
     channels: PeerChannels,
     applied: watch::Receiver<u64>,
+    /// This member's linearizable reads: one request to the leader serves a batch.
     reads: ReadBatcher,
+    /// On the leader, its own batches and every follower's share quorum rounds.
     leader_reads: ReadBatcher,
     forwarder: forward::Forwarder,
 }
@@ -284,6 +290,7 @@ impl Consensus {
         .await
         .map_err(|e| format!("starting raft: {e}"))?;
         let inner = Arc::new(Inner {
+            stopping: watch::channel(false).0,
             abstaining: std::sync::atomic::AtomicBool::new(false),
             membership_changes: tokio::sync::Mutex::new(()),
             leader_changes: std::sync::atomic::AtomicU64::new(0),
@@ -737,10 +744,11 @@ impl Consensus {
                 }
             };
             if leader.0 == self.id() {
-                match self.local_read_index().await {
+                // The same rounds as followers' requests: one quorum round serves both.
+                match self.read_index_as_leader().await {
                     Ok(i) => return Ok(i),
-                    Err(LocalError::Forward) => {}
-                    Err(LocalError::Failed(e)) => return Err(e),
+                    Err(ProposeError::NoLeader) => {}
+                    Err(e) => return Err(e),
                 }
             } else {
                 let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -808,6 +816,37 @@ impl Consensus {
         leader: &MemberNode,
         timeout: Duration,
     ) -> Result<u64, ForwardError> {
+        let answer = self
+            .inner
+            .channels
+            .call_pipe(&leader.peer_url, pipe::PipeRequest::ReadIndex, timeout)
+            .await;
+        let r = match answer {
+            Ok(pipe::PipeAnswer::ReadIndex(r)) => r,
+            Ok(other) => {
+                return Err(ForwardError::Failed(ProposeError::Unavailable(format!(
+                    "the leader answered a read-index request with {other:?}"
+                ))));
+            }
+            Err(pipe::PipeError::Unsupported) => {
+                return self.remote_read_index_call(leader, timeout).await;
+            }
+            // Reads are idempotent: any transport failure can be retried.
+            Err(pipe::PipeError::Failed(_)) => return Err(ForwardError::NotDelivered),
+        };
+        match r {
+            Ok(i) => Ok(i),
+            Err(ProposeError::NoLeader) => Err(ForwardError::NotDelivered),
+            Err(e) => Err(ForwardError::Failed(e)),
+        }
+    }
+
+    /// The read-index request as a call of its own, for a leader that has no pipe.
+    async fn remote_read_index_call(
+        &self,
+        leader: &MemberNode,
+        timeout: Duration,
+    ) -> Result<u64, ForwardError> {
         let mut client = self
             .inner
             .channels
@@ -830,6 +869,14 @@ impl Consensus {
             }
             // Reads are idempotent: any transport failure can be retried.
             Err(_) => Err(ForwardError::NotDelivered),
+        }
+    }
+
+    /// Resolves once the member is stopping.
+    pub(crate) fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.inner.stopping.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
         }
     }
 
@@ -1107,6 +1154,7 @@ impl Consensus {
 
     /// Stops Raft.
     pub async fn shutdown(&self) {
+        self.inner.stopping.send_replace(true);
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }

@@ -2,9 +2,10 @@
 //! votes, snapshot streaming, leadership transfer) and the channels the node uses to forward
 //! proposals and read-index requests to the leader.
 
+use super::pipe::{PipeAnswer, PipeError, PipeRequest, Pipes};
 use super::state_machine::SnapshotFile;
 use super::types::{MemberNode, NodeId, TypeConfig, decode, encode};
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
@@ -36,6 +37,7 @@ pub struct PeerChannels {
     cluster_id: u64,
     tls: Arc<Mutex<Option<ClientTlsConfig>>>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    pub(super) pipes: Arc<Pipes>,
     /// Set once a peer said this member was removed.
     pub(crate) removed: Arc<tokio::sync::watch::Sender<bool>>,
 }
@@ -46,6 +48,7 @@ impl PeerChannels {
             cluster_id,
             tls: Arc::new(Mutex::new(tls)),
             channels: Arc::new(Mutex::new(HashMap::new())),
+            pipes: Arc::new(Pipes::default()),
             removed: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
@@ -59,6 +62,20 @@ impl PeerChannels {
         if let Ok(mut map) = self.channels.lock() {
             map.clear();
         }
+        self.pipes.clear();
+    }
+
+    /// One small idempotent exchange with the peer at `url`, over its pipe.
+    pub(super) fn call_pipe(
+        &self,
+        url: &str,
+        request: PipeRequest,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<PipeAnswer, PipeError>> + Send + 'static {
+        // Owned, so the future is Send for any caller's lifetimes (openraft's boxed futures).
+        let channels = self.clone();
+        let url = url.to_string();
+        async move { channels.pipes.call(&channels, &url, request, timeout).await }
     }
 
     /// A client for the peer at `url`; connects lazily and reconnects on failure.
@@ -189,6 +206,53 @@ impl PeerClient {
     }
 }
 
+/// Requests are encoded as they come; an encoding failure ends the stream, which the leader
+/// sees as a closed replication stream and retries.
+fn encoded(
+    input: futures::stream::BoxStream<'static, AppendEntriesRequest<TypeConfig>>,
+) -> impl Stream<Item = Frame> + Send + 'static {
+    input
+        .map(|req| encode(&req).map(|data| Frame { data }))
+        .take_while(|r| futures::future::ready(r.is_ok()))
+        .filter_map(|r| futures::future::ready(r.ok()))
+}
+
+/// How a heartbeat that did not go over the pipe is to go on.
+enum HeartbeatVia {
+    /// The peer has no pipe: send it as its own stream.
+    Calls(AppendEntriesRequest<TypeConfig>),
+    Failed(RPCError<TypeConfig>),
+}
+
+/// Sends a heartbeat over the pipe to `url` and returns openraft's answers.
+async fn heartbeat(
+    channels: PeerChannels,
+    url: String,
+    target: NodeId,
+    rpc: AppendEntriesRequest<TypeConfig>,
+    ttl: Duration,
+) -> Result<Vec<StreamAppendResult<TypeConfig>>, HeartbeatVia> {
+    let kept = rpc.clone();
+    match channels
+        .call_pipe(&url, PipeRequest::Heartbeat(rpc), ttl)
+        .await
+    {
+        Ok(PipeAnswer::Heartbeat(Ok(answers))) => Ok(answers),
+        Ok(PipeAnswer::Heartbeat(Err(fatal))) => Err(HeartbeatVia::Failed(RPCError::Network(
+            NetworkError::from_string(format!("peer {target}: {fatal}")),
+        ))),
+        Ok(other) => Err(HeartbeatVia::Failed(RPCError::Network(
+            NetworkError::from_string(format!(
+                "peer {target}: answered a heartbeat with {other:?}"
+            )),
+        ))),
+        Err(PipeError::Unsupported) => Err(HeartbeatVia::Calls(kept)),
+        Err(PipeError::Failed(e)) => Err(HeartbeatVia::Failed(RPCError::Unreachable(
+            Unreachable::from_string(format!("peer {target}: {e}")),
+        ))),
+    }
+}
+
 impl RaftNetworkV2<TypeConfig> for PeerClient {
     type SnapshotData = SnapshotFile;
 
@@ -209,7 +273,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     fn stream_append<'s, S>(
         &'s mut self,
         input: S,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> BoxFuture<
         's,
         Result<
@@ -221,15 +285,37 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
     {
         let target = self.target;
+        let channels = self.channels.clone();
+        let url = self.url.clone();
+        let ttl = option.hard_ttl();
         let fut = async move {
+            // Owned while awaited: a borrow of the generic stream across the await would make
+            // the future's Send bound unprovable.
+            let (first, mut input) = input.into_future().await;
+            let Some(first) = first else {
+                let none: BoxStream<'s, _> = Box::pin(futures::stream::empty());
+                return Ok(none);
+            };
+            // A stream of one request that is over at once is openraft's heartbeat: it goes
+            // over the pipe. Anything longer is replication and keeps its own ordered stream.
+            let input: futures::stream::BoxStream<'static, AppendEntriesRequest<TypeConfig>> =
+                match input.next().now_or_never() {
+                    Some(None) => match heartbeat(channels, url, target, first, ttl).await {
+                        Ok(answers) => {
+                            let answers: BoxStream<'s, _> =
+                                Box::pin(futures::stream::iter(answers.into_iter().map(Ok)));
+                            return Ok(answers);
+                        }
+                        Err(HeartbeatVia::Calls(first)) => Box::pin(futures::stream::iter([first])),
+                        Err(HeartbeatVia::Failed(e)) => return Err(e),
+                    },
+                    Some(Some(second)) => {
+                        Box::pin(futures::stream::iter([first, second]).chain(input))
+                    }
+                    None => Box::pin(futures::stream::iter([first]).chain(input)),
+                };
             let mut client = self.client()?;
-            // Requests are encoded as they come; an encoding failure ends the stream, which the
-            // leader sees as a closed replication stream and retries.
-            let frames = input
-                .map(|req| encode(&req).map(|data| Frame { data }))
-                .take_while(|r| futures::future::ready(r.is_ok()))
-                .filter_map(|r| futures::future::ready(r.ok()));
-            let req = self.channels.request(frames);
+            let req = self.channels.request(encoded(input));
             let resp = client
                 .stream_append(req)
                 .await

@@ -4,6 +4,7 @@
 
 use super::forward::{LEADER_IN_FLIGHT, StreamAnswer, StreamRequest};
 use super::network::CLUSTER_ID_HEADER;
+use super::pipe::{self, PipeAnswer, PipeRequest, WireAnswer, WireRequest};
 use super::state_machine::{SnapshotFile, StateMachine};
 use super::types::{SnapshotMeta, TypeConfig, Vote, decode, encode};
 use super::{Consensus, MembershipChange, ProposeError};
@@ -277,6 +278,51 @@ impl RaftPeer for PeerService {
         self.check_cluster(&req)?;
         let res: Result<u64, ProposeError> = self.consensus.read_index_as_leader().await;
         frame(&res)
+    }
+
+    type PipeStream = FrameStream;
+
+    async fn pipe(
+        &self,
+        req: Request<Streaming<Frame>>,
+    ) -> Result<Response<Self::PipeStream>, Status> {
+        self.check_cluster(&req)?;
+        let consensus = self.consensus.clone();
+        // Exchanges run concurrently and are answered as they finish. A transport error or an
+        // undecodable frame ends the stream; the sender asks again over a new one.
+        let out = req
+            .into_inner()
+            .map(move |item| {
+                let consensus = consensus.clone();
+                async move {
+                    let (id, request): WireRequest = decode(&item?.data).map_err(bad)?;
+                    let answer = match request {
+                        PipeRequest::Heartbeat(rpc) => {
+                            consensus.touch_leader_contact();
+                            let answers: Vec<_> = consensus
+                                .inner
+                                .raft
+                                .stream_append(futures::stream::iter([rpc]))
+                                .collect()
+                                .await;
+                            PipeAnswer::Heartbeat(
+                                answers
+                                    .into_iter()
+                                    .map(|a| a.map_err(|fatal| fatal.to_string()))
+                                    .collect(),
+                            )
+                        }
+                        PipeRequest::ReadIndex => {
+                            PipeAnswer::ReadIndex(consensus.read_index_as_leader().await)
+                        }
+                    };
+                    let wire: WireAnswer = (id, answer);
+                    to_frame(&wire)
+                }
+            })
+            .buffer_unordered(pipe::IN_FLIGHT)
+            .take_until(self.consensus.stopped());
+        Ok(Response::new(Box::pin(out)))
     }
 
     async fn leader_call(&self, req: Request<Frame>) -> Result<Response<Frame>, Status> {
