@@ -4,6 +4,13 @@
 //! unknown user name costs the same verification as a known one, so neither timing nor volume
 //! turns `Authenticate` into an oracle or a CPU sink. There is deliberately no cluster-wide
 //! failure budget: one attacker could spend it and lock every user out.
+//!
+//! A password that verified against a user's current hash is remembered for a while (as a
+//! keyed digest, never in the clear), so clients that reconnect and log in again (a benchmark's
+//! hundreds of connections, every client of a member that restarted) cost a digest instead of
+//! a bcrypt each. Only successes are remembered: a wrong password always pays for bcrypt, and
+//! answers as slowly as before, so timing tells nothing the answer does not. A changed
+//! password has a new hash, which no remembered digest matches.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -25,9 +32,18 @@ struct Bucket {
     at: Instant,
 }
 
+/// How long a verified password is remembered, and for how many logins at most.
+const REMEMBER_FOR: Duration = Duration::from_secs(600);
+const REMEMBERED: usize = 4096;
+
 pub struct LoginGuard {
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
     bcrypt: Arc<Semaphore>,
+    /// Digests of (hash, password) pairs that verified, keyed with `secret`, and when.
+    verified: Mutex<HashMap<[u8; 32], Instant>>,
+    secret: [u8; 32],
+    /// Passwords checked with bcrypt so far.
+    bcrypt_runs: std::sync::atomic::AtomicU64,
 }
 
 impl Default for LoginGuard {
@@ -38,6 +54,9 @@ impl Default for LoginGuard {
         LoginGuard {
             buckets: Mutex::new(HashMap::new()),
             bcrypt: Arc::new(Semaphore::new(threads)),
+            verified: Mutex::new(HashMap::new()),
+            secret: rand::random(),
+            bcrypt_runs: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -147,14 +166,58 @@ impl LoginGuard {
         })
     }
 
+    /// The key a verified (hash, password) pair is remembered under.
+    fn digest(&self, hash: &str, password: &str) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut d = Sha256::new();
+        d.update(self.secret);
+        d.update((hash.len() as u64).to_be_bytes());
+        d.update(hash.as_bytes());
+        d.update(password.as_bytes());
+        d.finalize().into()
+    }
+
+    fn remembered(&self, key: &[u8; 32]) -> bool {
+        let Ok(mut v) = self.verified.lock() else {
+            return false;
+        };
+        match v.get(key) {
+            Some(at) if at.elapsed() < REMEMBER_FOR => true,
+            Some(_) => {
+                v.remove(key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn remember(&self, key: [u8; 32]) {
+        let Ok(mut v) = self.verified.lock() else {
+            return;
+        };
+        if v.len() >= REMEMBERED {
+            v.retain(|_, at| at.elapsed() < REMEMBER_FOR);
+            if v.len() >= REMEMBERED {
+                v.clear();
+            }
+        }
+        v.insert(key, Instant::now());
+    }
+
     /// Checks `password` against `hash` (or the decoy when there is none) on a bounded pool.
     pub async fn verify(&self, password: String, hash: Option<String>) -> Result<bool, Status> {
+        let key = hash.as_deref().map(|h| self.digest(h, &password));
+        if key.as_ref().is_some_and(|k| self.remembered(k)) {
+            return Ok(true);
+        }
         let permit = tokio::time::timeout(QUEUE_WAIT, self.bcrypt.clone().acquire_owned())
             .await
             .map_err(|_| {
                 Status::resource_exhausted("etcdserver: too many logins in progress; retry")
             })?
             .map_err(|e| Status::internal(e.to_string()))?;
+        self.bcrypt_runs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let real = hash.is_some();
         let hash = hash.unwrap_or_else(|| decoy_hash().to_string());
         let ok = tokio::task::spawn_blocking(move || {
@@ -163,6 +226,9 @@ impl LoginGuard {
         })
         .await
         .map_err(|e| Status::internal(format!("verifying a password: {e}")))?;
+        if ok && let Some(k) = key {
+            self.remember(k);
+        }
         Ok(ok && real)
     }
 }
@@ -217,6 +283,30 @@ mod tests {
         assert!(g.admit(Some(next)).is_err());
         let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
         assert!(g.admit(Some(other)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_verified_password_is_remembered_only_for_its_hash_and_wrong_ones_pay_bcrypt() {
+        let g = LoginGuard::default();
+        let h = super::super::password::hash("pw").unwrap();
+        assert!(g.verify("pw".into(), Some(h.clone())).await.unwrap());
+        let runs = || g.bcrypt_runs.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(runs(), 1);
+        // Again: remembered, so no bcrypt.
+        for _ in 0..20 {
+            assert!(g.verify("pw".into(), Some(h.clone())).await.unwrap());
+        }
+        assert_eq!(runs(), 1);
+        // A wrong password is never answered from memory.
+        assert!(!g.verify("pW".into(), Some(h.clone())).await.unwrap());
+        assert_eq!(runs(), 2);
+        // The same password against a new hash (the password was set again) is verified anew.
+        let h2 = super::super::password::hash("other").unwrap();
+        assert!(!g.verify("pw".into(), Some(h2)).await.unwrap());
+        assert_eq!(runs(), 3);
+        // The decoy of an unknown user never passes, remembered or not.
+        assert!(!g.verify("pw".into(), None).await.unwrap());
+        assert_eq!(runs(), 4);
     }
 
     #[tokio::test]
