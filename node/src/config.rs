@@ -107,6 +107,12 @@ pub struct ServeArgs {
     #[arg(long, env = "RAFTKV_REQUEST_TIMEOUT_MS", default_value_t = 7_000)]
     pub request_timeout_ms: u64,
 
+    /// Threads that run requests, Raft and storage calls; 0 for one per CPU. Members sharing a
+    /// machine (`raftkv dev`) do better with their share of it: with more threads than cores,
+    /// every hand-off between tasks is a context switch.
+    #[arg(long, env = "RAFTKV_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+
     // ---- Storage ----
     /// Most MiB per second RocksDB writes in the background (flushes and compactions); 0 for no
     /// limit. Unthrottled bursts delay the log's fsyncs and so every write's commit; raise it on

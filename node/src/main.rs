@@ -180,10 +180,13 @@ fn main() -> ExitCode {
             Err(e) => Err(e.to_string()),
         },
         cmd => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Cmd::Serve(args) = &cmd
+                && args.worker_threads > 0
             {
+                builder.worker_threads(args.worker_threads);
+            }
+            let rt = match builder.enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("raftkv: cannot start the runtime: {e}");
