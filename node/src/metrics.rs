@@ -64,6 +64,8 @@ pub struct Metrics {
     write_stopped: IntGauge,
     delayed_write_rate: IntGauge,
     pending_compaction: IntGauge,
+    memtable_bytes: IntGauge,
+    block_cache_bytes: IntGauge,
     revision: IntGauge,
     compacted_revision: IntGauge,
     quota: IntGauge,
@@ -345,6 +347,14 @@ impl Metrics {
                 "raftkv_storage_pending_compaction_bytes",
                 "Bytes RocksDB estimates compaction still has to rewrite.",
             ),
+            memtable_bytes: gauge(
+                "raftkv_storage_memtable_bytes",
+                "Memory held by RocksDB's memtables (all column families, flushing ones included).",
+            ),
+            block_cache_bytes: gauge(
+                "raftkv_storage_block_cache_bytes",
+                "Memory held by RocksDB's block cache (memtable reservations included).",
+            ),
             revision: gauge("raftkv_store_revision", "Current store revision."),
             compacted_revision: gauge(
                 "raftkv_store_compacted_revision",
@@ -447,6 +457,10 @@ impl Metrics {
             .set(store.int_property_sum("rocksdb.actual-delayed-write-rate") as i64);
         self.pending_compaction
             .set(store.int_property_sum("rocksdb.estimate-pending-compaction-bytes") as i64);
+        self.memtable_bytes
+            .set(store.int_property_sum("rocksdb.size-all-mem-tables") as i64);
+        self.block_cache_bytes
+            .set(store.int_property(CF_KV, "rocksdb.block-cache-usage") as i64);
         if let Ok((rev, compacted)) = store.revisions() {
             self.revision.set(rev);
             self.compacted_revision.set(compacted);
