@@ -114,6 +114,12 @@ pub struct ServeArgs {
     pub worker_threads: usize,
 
     // ---- Storage ----
+    /// MiB RocksDB may hold in memory: block cache and memtables together. 0 sizes it from
+    /// the memory the process may use (its cgroup limit, else the machine's): a thirty-second
+    /// of it, between 32 MiB and 1 GiB.
+    #[arg(long, env = "RAFTKV_STORAGE_MEMORY_MIB", default_value_t = 0)]
+    pub storage_memory_mib: u64,
+
     /// Most MiB per second RocksDB writes in the background (flushes and compactions); 0 for no
     /// limit. Unthrottled bursts delay the log's fsyncs and so every write's commit; raise it on
     /// disks that take more.

@@ -136,13 +136,18 @@ fn spawn_member(exe: &Path, args: &DevArgs, secrets: &DevSecrets, i: u64) -> Res
         .open(args.data_dir.join(format!("node-{i}.log")))
         .map_err(io)?;
     // The members share this machine: each gets its share of the cores as runtime threads
-    // (at least one), so that together they run no more threads than there are cores.
+    // (at least one), so that together they run no more threads than there are cores, and its
+    // share of the memory for storage.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
     let threads = (cores / args.nodes.max(1)).max(1);
     Command::new(exe)
         .arg("serve")
         .args(["--id", &i.to_string()])
         .args(["--worker-threads", &threads.to_string()])
+        .args([
+            "--storage-memory-mib",
+            &(crate::storage::auto_memory_bytes(args.nodes) >> 20).to_string(),
+        ])
         .args(["--name", &format!("node-{i}")])
         .arg("--data-dir")
         .arg(&dir)

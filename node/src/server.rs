@@ -246,6 +246,7 @@ pub async fn run(mut args: ServeArgs) -> Result<(), NodeError> {
             background_write_bytes_per_sec: args
                 .background_write_mib_per_sec
                 .saturating_mul(1 << 20),
+            memory_bytes: args.storage_memory_mib.saturating_mul(1 << 20),
         },
     )?;
     check_keyring(&store, &sealer, args.encryption_keyring_file.as_deref())?;

@@ -71,14 +71,62 @@ pub const DEFAULT_BACKGROUND_WRITE_MIB_PER_SEC: u64 = 64;
 pub struct StoreOptions {
     /// Ceiling on flush and compaction writes, in bytes per second; 0 for none.
     pub background_write_bytes_per_sec: u64,
+    /// What RocksDB may hold in memory: its block cache and its memtables together (the
+    /// memtables are charged to the cache, and take at most half of it); 0 to size it from the
+    /// memory this process may use (see `auto_memory_bytes`).
+    pub memory_bytes: u64,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             background_write_bytes_per_sec: DEFAULT_BACKGROUND_WRITE_MIB_PER_SEC << 20,
+            memory_bytes: 0,
         }
     }
+}
+
+/// Bounds of the automatic memory budget.
+const MIN_MEMORY: u64 = 32 << 20;
+const MAX_MEMORY: u64 = 1 << 30;
+/// Largest memtable per column family. Small ones keep skip-list inserts and lookups within
+/// the CPU caches (they were the largest single cost of a write with 32 MiB ones) and a
+/// member's memory small; flushes are cheap at this size.
+const MAX_WRITE_BUFFER: u64 = 4 << 20;
+
+/// The memory budget when none is configured: a thirty-second of what this process may use
+/// (its cgroup's limit in a container, else the machine's memory), within 32 MiB and 1 GiB.
+/// Members sharing a machine divide it by `sharing`.
+pub fn auto_memory_bytes(sharing: u64) -> u64 {
+    let total = cgroup_memory_limit()
+        .or_else(machine_memory)
+        .unwrap_or(4 << 30);
+    (total / 32 / sharing.max(1)).clamp(MIN_MEMORY, MAX_MEMORY)
+}
+
+fn cgroup_memory_limit() -> Option<u64> {
+    let v2 = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok();
+    let v1 = || std::fs::read_to_string("/sys/fs/cgroup/memory/memory.limit_in_bytes").ok();
+    let raw = v2.or_else(v1)?;
+    // "max" (v2) or a huge number (v1) mean no limit.
+    raw.trim().parse::<u64>().ok().filter(|b| *b < (1 << 50))
+}
+
+fn machine_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
+/// How a memory budget is split: the cache's capacity (which the memtables are charged to),
+/// the memtables' share of it, and each column family's memtable size.
+fn memory_split(budget: u64) -> (u64, u64, u64) {
+    let budget = budget.max(MIN_MEMORY / 2);
+    let memtables = budget / 2;
+    // Several column families fill at once (atomic flush): each gets a slice of the share.
+    let per_cf = (memtables / 4).min(MAX_WRITE_BUFFER);
+    (budget, memtables, per_cf)
 }
 
 /// The node's database. Cheap to clone.
@@ -96,7 +144,7 @@ struct Inner {
     install_gate: RwLock<()>,
 }
 
-fn cf_options(cache: &Cache, point_lookups: bool) -> Options {
+fn cf_options(cache: &Cache, point_lookups: bool, write_buffer: u64) -> Options {
     let mut o = Options::default();
     let mut t = BlockBasedOptions::default();
     t.set_block_cache(cache);
@@ -107,17 +155,15 @@ fn cf_options(cache: &Cache, point_lookups: bool) -> Options {
     o.set_block_based_table_factory(&t);
     // Values are AES-GCM ciphertext, which does not compress: compressing it only costs CPU.
     o.set_compression_type(DBCompressionType::None);
-    // Small memtables keep skip-list inserts and lookups within the CPU caches; they were the
-    // largest single cost of a write with 32 MiB ones.
-    o.set_write_buffer_size(8 << 20);
+    o.set_write_buffer_size(usize::try_from(write_buffer).unwrap_or(usize::MAX));
     o.set_max_write_buffer_number(4);
     o
 }
 
 /// The Raft log is written in index order and read back mostly from the log store's own cache:
 /// an append-only vector memtable makes inserts constant-time.
-fn log_cf_options(cache: &Cache) -> Options {
-    let mut o = cf_options(cache, false);
+fn log_cf_options(cache: &Cache, write_buffer: u64) -> Options {
+    let mut o = cf_options(cache, false, write_buffer);
     o.set_memtable_factory(rocksdb::MemtableFactory::Vector);
     o.set_compression_type(DBCompressionType::None);
     o
@@ -163,15 +209,36 @@ impl Store {
         if rate > 0 {
             opts.set_ratelimiter(rate, 50_000, 10);
         }
-        let cache = Cache::new_lru_cache(64 << 20);
+        let budget = if options.memory_bytes == 0 {
+            auto_memory_bytes(1)
+        } else {
+            options.memory_bytes
+        };
+        let (cache_bytes, memtable_bytes, wb) = memory_split(budget);
+        let usize_of = |b: u64| usize::try_from(b).unwrap_or(usize::MAX);
+        let cache = Cache::new_lru_cache(usize_of(cache_bytes));
+        // Memtables reserve their memory in the cache, so the two together stay within the
+        // budget. Past their share a flush starts; writes wait for it only if they outrun it,
+        // which would otherwise pile up memtables (45 MiB of them under a 16 MiB share in a test).
+        let wbm = rocksdb::WriteBufferManager::new_write_buffer_manager_with_cache(
+            usize_of(memtable_bytes),
+            true,
+            cache.clone(),
+        );
+        opts.set_write_buffer_manager(&wbm);
         let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_LOG, log_cf_options(&cache)),
-            ColumnFamilyDescriptor::new(CF_RAFT, cf_options(&cache, true)),
-            ColumnFamilyDescriptor::new(CF_KV, cf_options(&cache, true)),
-            ColumnFamilyDescriptor::new(CF_HISTORY, cf_options(&cache, false)),
-            ColumnFamilyDescriptor::new(CF_REVISIONS, cf_options(&cache, false)),
-            ColumnFamilyDescriptor::new(CF_META, cf_options(&cache, true)),
+            ColumnFamilyDescriptor::new(CF_LOG, log_cf_options(&cache, wb)),
+            ColumnFamilyDescriptor::new(CF_RAFT, cf_options(&cache, true, wb)),
+            ColumnFamilyDescriptor::new(CF_KV, cf_options(&cache, true, wb)),
+            ColumnFamilyDescriptor::new(CF_HISTORY, cf_options(&cache, false, wb)),
+            ColumnFamilyDescriptor::new(CF_REVISIONS, cf_options(&cache, false, wb)),
+            ColumnFamilyDescriptor::new(CF_META, cf_options(&cache, true, wb)),
         ];
+        tracing::info!(
+            memory_mib = budget >> 20,
+            memtables_mib = memtable_bytes >> 20,
+            "storage memory budget"
+        );
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
             if e.to_string().contains("lock") {
                 StorageError::Other(format!(
@@ -458,17 +525,59 @@ mod tests {
         let limited = timed_flush(
             &StoreOptions {
                 background_write_bytes_per_sec: 1 << 20,
+                memory_bytes: 64 << 20,
             },
             3,
         );
         let unlimited = timed_flush(
             &StoreOptions {
                 background_write_bytes_per_sec: 0,
+                memory_bytes: 64 << 20,
             },
             3,
         );
         // 3 MiB at 1 MiB/s cannot be written in much under three seconds.
         assert!(limited >= Duration::from_millis(1500), "{limited:?}");
         assert!(unlimited < limited / 2, "{unlimited:?} vs {limited:?}");
+    }
+
+    #[test]
+    fn memtables_stay_within_their_share_of_the_memory_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(
+            dir.path(),
+            &StoreOptions {
+                background_write_bytes_per_sec: 0,
+                memory_bytes: 32 << 20,
+            },
+        )
+        .unwrap();
+        let value = vec![7u8; 1024];
+        let mut most = 0;
+        // 96 MiB spread over the state machine's column families, as applies write them.
+        let cfs = [CF_KV, CF_HISTORY, CF_REVISIONS, CF_META];
+        for batch in 0..96u64 {
+            let mut wb = rocksdb::WriteBatch::default();
+            for i in batch * 1024..(batch + 1) * 1024 {
+                let cf = store.cf(cfs[(i % 4) as usize]).unwrap();
+                wb.put_cf(cf, i.to_be_bytes(), &value);
+            }
+            store.db().write(wb).unwrap();
+            most = most.max(store.int_property_sum("rocksdb.size-all-mem-tables"));
+        }
+        // Half the budget is the memtables' share; a flush in progress may add a little.
+        assert!(most <= 18 << 20, "memtables reached {} MiB", most >> 20);
+        assert!(most >= 2 << 20, "memtables never filled: {most}");
+    }
+
+    #[test]
+    fn the_automatic_budget_follows_the_memory_and_stays_in_bounds() {
+        let one = auto_memory_bytes(1);
+        assert!((MIN_MEMORY..=MAX_MEMORY).contains(&one));
+        assert!(auto_memory_bytes(3) <= one);
+        let (cache, memtables, per_cf) = memory_split(256 << 20);
+        assert_eq!((cache, memtables), (256 << 20, 128 << 20));
+        assert_eq!(per_cf, MAX_WRITE_BUFFER);
+        assert_eq!(memory_split(32 << 20).2, 4 << 20);
     }
 }
