@@ -48,6 +48,8 @@ pub struct Metrics {
     is_leader: IntGauge,
     leader_changes: IntCounter,
     leader_changes_seen: Mutex<u64>,
+    read_indexes: IntCounterVec,
+    read_indexes_seen: Mutex<(u64, u64)>,
     commit_index: IntGauge,
     applied_index: IntGauge,
     last_log_index: IntGauge,
@@ -259,6 +261,18 @@ impl Metrics {
                 "Leader changes this member has seen since it started.",
             ),
             leader_changes_seen: Mutex::new(0),
+            read_indexes: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "raftkv_raft_read_index_total",
+                        "Read indexes this member confirmed as leader, by how: a quorum round of heartbeats, or the acknowledgement a follower's request carried.",
+                    ),
+                    &["how"],
+                )
+                .expect("static metric definition"),
+            ),
+            read_indexes_seen: Mutex::new((0, 0)),
             commit_index: gauge(
                 "raftkv_raft_commit_index",
                 "Highest log index known committed.",
@@ -423,6 +437,16 @@ impl Metrics {
                 self.leader_changes.inc_by(changes - *seen);
             }
             *seen = changes;
+        }
+        let (rounds, acked) = consensus.read_indexes();
+        if let Ok(mut seen) = self.read_indexes_seen.lock() {
+            self.read_indexes
+                .with_label_values(&["quorum_round"])
+                .inc_by(rounds.saturating_sub(seen.0));
+            self.read_indexes
+                .with_label_values(&["follower_acknowledged"])
+                .inc_by(acked.saturating_sub(seen.1));
+            *seen = (rounds.max(seen.0), acked.max(seen.1));
         }
         self.commit_index.set(s.committed as i64);
         self.applied_index.set(s.applied as i64);

@@ -44,7 +44,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use types::{TypeConfig, decode, encode};
+use types::{TypeConfig, Vote, decode, encode};
 
 type Raft = openraft::Raft<TypeConfig, StateMachine>;
 
@@ -213,6 +213,10 @@ struct Inner {
     /// the member had become a voter.
     membership_changes: tokio::sync::Mutex<()>,
     leader_changes: std::sync::atomic::AtomicU64,
+    /// Read indexes this member confirmed as leader: with a quorum round of heartbeats, and
+    /// from a follower's acknowledgement (see `read_index_for`).
+    read_rounds: std::sync::atomic::AtomicU64,
+    read_acknowledged: std::sync::atomic::AtomicU64,
     /// Becomes true once this member applied a membership that no longer names it, or a
     /// member answered its vote request saying so.
     removed: Arc<tokio::sync::watch::Sender<bool>>,
@@ -294,6 +298,8 @@ impl Consensus {
             abstaining: std::sync::atomic::AtomicBool::new(false),
             membership_changes: tokio::sync::Mutex::new(()),
             leader_changes: std::sync::atomic::AtomicU64::new(0),
+            read_rounds: std::sync::atomic::AtomicU64::new(0),
+            read_acknowledged: std::sync::atomic::AtomicU64::new(0),
             removed: channels.removed.clone(),
             last_leader_contact: std::sync::Mutex::new(None),
             leader_handler: std::sync::RwLock::new(None),
@@ -349,6 +355,16 @@ impl Consensus {
     }
 
     /// How many times this node has seen the leader change since it started.
+    /// Read indexes confirmed as leader so far: (with a quorum round, from a follower's
+    /// acknowledgement).
+    pub fn read_indexes(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.inner.read_rounds.load(Relaxed),
+            self.inner.read_acknowledged.load(Relaxed),
+        )
+    }
+
     pub fn leader_changes(&self) -> u64 {
         self.inner
             .leader_changes
@@ -755,7 +771,7 @@ impl Consensus {
                 // A leader that was cut off or paused holds the request until it times out;
                 // once another member leads, ask that one instead. Reads can be asked again.
                 let asked = tokio::select! {
-                    r = self.remote_read_index(&leader.1, remaining) => Some(r),
+                    r = self.remote_read_index(leader.0, &leader.1, remaining) => Some(r),
                     () = self.wait_leader_other_than(leader.0) => None,
                 };
                 match asked {
@@ -772,6 +788,9 @@ impl Consensus {
     }
 
     async fn local_read_index(&self) -> Result<u64, LocalError> {
+        self.inner
+            .read_rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let fut = self
             .inner
             .raft
@@ -791,6 +810,47 @@ impl Consensus {
             ))) => Err(LocalError::Forward),
             Ok(Err(RaftError::Fatal(_))) => Err(LocalError::Failed(ProposeError::Stopped)),
         }
+    }
+
+    /// This member's vote as its Raft core holds it now (published metrics may lag it).
+    async fn vote_now(&self) -> Option<Vote> {
+        self.inner
+            .raft
+            .with_raft_state(|st| *st.vote_ref())
+            .await
+            .ok()
+    }
+
+    /// Serves a follower's read-index request that carries the follower's vote, read after its
+    /// reads arrived. If that is this leader's own committed vote, the follower acknowledged
+    /// this leader's term after the reads began: with this leader, a quorum did. A leader of a
+    /// later term needs a quorum too, so it needs this member or that follower, and: this
+    /// member has not voted for it (its vote is still its own, checked in its Raft core, not in
+    /// published metrics), and the follower can only have voted for it after sending, so
+    /// anything that leader commits is committed after the reads began. Writes acknowledged
+    /// before they began are all in this leader's commit index once it has committed an entry
+    /// of its own term. So that index is a read index, without a heartbeat round. Anything
+    /// short of that (another vote, a quorum that needs a third member, nothing committed in
+    /// this term yet) takes the round.
+    pub(crate) async fn read_index_for(
+        &self,
+        ack: Option<(NodeId, Vote)>,
+    ) -> Result<u64, ProposeError> {
+        if let Some((follower, theirs)) = ack {
+            let me = self.id();
+            let answered = self
+                .inner
+                .raft
+                .with_raft_state(move |st| read_index_acknowledged(st, me, follower, &theirs))
+                .await;
+            if let Ok(Some(index)) = answered {
+                self.inner
+                    .read_acknowledged
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(index);
+            }
+        }
+        self.read_index_as_leader().await
     }
 
     /// Serves a follower's read-index request: only the leader answers.
@@ -813,13 +873,22 @@ impl Consensus {
 
     async fn remote_read_index(
         &self,
+        leader_id: NodeId,
         leader: &MemberNode,
         timeout: Duration,
     ) -> Result<u64, ForwardError> {
+        use openraft::vote::RaftLeaderId;
+        // Read after every read of the batch arrived: this member's acknowledgement of the
+        // leader's term, which lets the leader answer without a quorum round of its own.
+        let ack = self
+            .vote_now()
+            .await
+            .filter(|v| v.is_committed() && *v.leader_id().node_id() == leader_id)
+            .map(|v| (self.id(), v));
         let answer = self
             .inner
             .channels
-            .call_pipe(&leader.peer_url, pipe::PipeRequest::ReadIndex, timeout)
+            .call_pipe(&leader.peer_url, pipe::PipeRequest::ReadIndex(ack), timeout)
             .await;
         let r = match answer {
             Ok(pipe::PipeAnswer::ReadIndex(r)) => r,
@@ -1159,6 +1228,50 @@ impl Consensus {
             tracing::warn!(error = %e, "raft shutdown");
         }
     }
+}
+
+/// The read index a follower's acknowledgement makes safe without a quorum round (see
+/// `Consensus::read_index_for`), judged on the Raft core's own state: this member leads with
+/// exactly the vote `follower` sent, it and the follower are a quorum of every configuration in
+/// effect, and it has committed an entry of its own term.
+fn read_index_acknowledged(
+    st: &openraft::RaftState<TypeConfig>,
+    me: NodeId,
+    follower: NodeId,
+    theirs: &Vote,
+) -> Option<u64> {
+    use openraft::vote::RaftLeaderId;
+    let vote = st.vote_ref();
+    if st.server_state != openraft::ServerState::Leader
+        || !vote.is_committed()
+        || *vote.leader_id().node_id() != me
+        || vote != theirs
+        || follower == me
+    {
+        return None;
+    }
+    let quorum = st
+        .membership_state
+        .effective()
+        .get_joint_config()
+        .iter()
+        .all(|config| {
+            let acked = [me, follower]
+                .iter()
+                .filter(|id| config.contains(id))
+                .count();
+            acked * 2 > config.len()
+        });
+    if !quorum {
+        return None;
+    }
+    let committed = st.local_committed()?;
+    if committed.committed_leader_id() != &vote.leader_id().to_committed() {
+        return None;
+    }
+    // The later of what this leader applied-as-committed and what its quorum granted.
+    let granted = st.cluster_committed().map_or(0, |l| l.index);
+    Some(committed.index.max(granted))
 }
 
 /// The leader Raft knows of, with its address, if the membership still names it.

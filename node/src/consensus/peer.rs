@@ -312,8 +312,8 @@ impl RaftPeer for PeerService {
                                     .collect(),
                             )
                         }
-                        PipeRequest::ReadIndex => {
-                            PipeAnswer::ReadIndex(consensus.read_index_as_leader().await)
+                        PipeRequest::ReadIndex(vote) => {
+                            PipeAnswer::ReadIndex(consensus.read_index_for(vote).await)
                         }
                     };
                     let wire: WireAnswer = (id, answer);

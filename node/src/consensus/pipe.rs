@@ -12,7 +12,7 @@
 
 use super::ProposeError;
 use super::network::PeerChannels;
-use super::types::{TypeConfig, decode, encode};
+use super::types::{NodeId, TypeConfig, Vote, decode, encode};
 use futures::StreamExt;
 use futures::channel::{mpsc, oneshot};
 use openraft::raft::{AppendEntriesRequest, StreamAppendResult};
@@ -33,8 +33,9 @@ const UNSUPPORTED_FOR: Duration = Duration::from_secs(30);
 pub(super) enum PipeRequest {
     /// A heartbeat: an AppendEntries with no entries, answered by the follower's openraft.
     Heartbeat(AppendEntriesRequest<TypeConfig>),
-    /// A follower asks the leader for a read index.
-    ReadIndex,
+    /// A follower asks the leader for a read index, with its id and the vote its Raft core held
+    /// once every read of the batch had arrived (see `Consensus::read_index_for`).
+    ReadIndex(Option<(NodeId, Vote)>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -296,12 +297,12 @@ mod tests {
         let url = format!("http://{addr}");
         let timeout = Duration::from_secs(5);
         let first = channels
-            .call_pipe(&url, PipeRequest::ReadIndex, timeout)
+            .call_pipe(&url, PipeRequest::ReadIndex(None), timeout)
             .await;
         assert!(matches!(first, Err(PipeError::Unsupported)), "{first:?}");
         let started = Instant::now();
         let again = channels
-            .call_pipe(&url, PipeRequest::ReadIndex, timeout)
+            .call_pipe(&url, PipeRequest::ReadIndex(None), timeout)
             .await;
         assert!(matches!(again, Err(PipeError::Unsupported)), "{again:?}");
         assert!(channels.pipes.is_unsupported(&url));
@@ -318,7 +319,7 @@ mod tests {
         let answer = channels
             .call_pipe(
                 &format!("http://{addr}"),
-                PipeRequest::ReadIndex,
+                PipeRequest::ReadIndex(None),
                 Duration::from_secs(5),
             )
             .await;
