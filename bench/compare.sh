@@ -5,7 +5,7 @@
 #
 #   bench/compare.sh                     # 10s per measurement, 1/16/256 clients
 #   DURATION=5s CLIENTS="16 256" bench/compare.sh
-#   OUT=bench/RESULTS.md bench/compare.sh   # also write the results file
+#   OUT=bench/RESULTS-kvctl.md bench/compare.sh   # also write the results file
 #   ROUNDS=3 bench/compare.sh            # repeat the sweep; each row reports the median round
 #
 # Timing on a small shared machine drifts by tens of percent over minutes, so every row measures
@@ -133,5 +133,5 @@ text = "\n".join(lines)
 print(text)
 if sys.argv[2]:
     with open(sys.argv[2], "w") as f:
-        f.write(f"# raftkv vs etcd: same machine, same run\n\nReproduce with `ROUNDS={rounds} OUT=bench/RESULTS.md bench/compare.sh`.\n\n" + text + "\n")
+        f.write(f"# raftkv vs etcd: same machine, same run\n\nReproduce with `ROUNDS={rounds} OUT=bench/RESULTS-kvctl.md bench/compare.sh`.\n\n" + text + "\n")
 PY

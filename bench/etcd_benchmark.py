@@ -75,6 +75,9 @@ class Raftkv:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
+    def disk_mib(self):
+        return du_mib(self.dir, self.name)
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=30)
@@ -83,6 +86,7 @@ class Raftkv:
 class Etcd:
     def __init__(self, work, binary, ctl, name, base):
         self.name = name
+        self.work = work
         self.password = PASSWORD
         self.procs = []
         initial = ",".join(f"e{i}=http://127.0.0.1:{base + i * 100 + 1}" for i in range(3))
@@ -105,6 +109,9 @@ class Etcd:
     def pids(self):
         return [p.pid for p in self.procs]
 
+    def disk_mib(self):
+        return du_mib(self.work, self.name)
+
     def stop(self):
         for p in self.procs:
             p.terminate()
@@ -112,18 +119,42 @@ class Etcd:
             p.wait(timeout=30)
 
 
-def run_benchmark(system, workload, clients):
+# The big keyspace: the put-1m row writes over this many keys, after they were all written once.
+BIG_KEYSPACE = int(os.environ.get("BIG_KEYSPACE", "1000000"))
+# The watch row: 1000 watchers (10 streams of 100) on 10 keys, each key watched 100 times, so
+# every put is 100 events delivered.
+WATCH_ARGS = ["--streams", "10", "--watch-per-stream", "100", "--watched-key-total", "10",
+              "--key-space-size", "10"]
+
+
+def benchmark_base(system, clients):
     conns = min(clients, 100)
-    base = [BENCHMARK, "--endpoints", system.endpoints, "--user", f"root:{system.password}",
+    return [BENCHMARK, "--endpoints", system.endpoints, "--user", f"root:{system.password}",
             "--conns", str(conns), "--clients", str(clients)]
+
+
+def put_args(keyspace, total, sequential=False):
+    return (["put", "--key-size", "8", "--key-space-size", str(keyspace), "--total", str(total),
+             "--val-size", str(VALUE_SIZE)] + (["--sequential-keys"] if sequential else []))
+
+
+def run_benchmark(system, workload, clients):
+    base = benchmark_base(system, clients)
     if workload == "put":
-        args = ["put", "--key-size", "8", "--sequential-keys", "--key-space-size", "100000",
-                "--total", str(TOTAL), "--val-size", str(VALUE_SIZE)]
+        args = put_args(100000, TOTAL, sequential=True)
+    elif workload == "put-10k":
+        args = put_args(10000, TOTAL)
+    elif workload == "put-1m":
+        fill_keyspace(system)
+        args = put_args(BIG_KEYSPACE, TOTAL)
     elif workload in ("range-l", "range-s"):
         args = ["range", "bench-range-key", "--consistency", workload[-1], "--total", str(TOTAL)]
     elif workload == "txn-put":
         args = ["txn-put", "--key-size", "8", "--key-space-size", "100000",
                 "--total", str(TOTAL), "--val-size", str(VALUE_SIZE)]
+    elif workload == "watch":
+        # TOTAL events: a hundredth of that in puts, each delivered to 100 watchers.
+        args = ["watch"] + WATCH_ARGS + ["--put-total", str(max(TOTAL // 100, 10))]
     else:
         raise SystemExit(f"unknown workload {workload}")
     pids = system.pids()
@@ -131,12 +162,55 @@ def run_benchmark(system, workload, clients):
     out = subprocess.run(base + args, capture_output=True, text=True)
     cpu = cpu_seconds(pids) - cpu0
     text = out.stdout + out.stderr
+    if workload == "watch":
+        # Two summaries: watch creation, then events received (what the row reports).
+        text = text.split("Watch events received summary", 1)[-1]
     rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    took = re.search(r"Total:\s+([\d.]+) secs", text)
     if out.returncode != 0 or not rps:
         raise SystemExit(f"benchmark failed on {system.name} {workload}:\n{text[-2000:]}")
+    done = float(rps.group(1)) * float(took.group(1)) if took else TOTAL
     lat = {m.group(1): float(m.group(2)) * 1000 for m in re.finditer(r"([\d.]+)% in ([\d.]+) secs", text)}
     return {"ops": float(rps.group(1)), "p50": lat.get("50", 0), "p99": lat.get("99", 0),
-            "p999": lat.get("99.9", 0), "cpu_per_1k": cpu / TOTAL * 1000}
+            "p999": lat.get("99.9", 0), "cpu_per_1k": cpu / max(done, 1) * 1000,
+            "cpu": cpu, "done": done}
+
+
+def login_cpu(system, clients):
+    """The members' CPU for what every row starts with: each of the benchmark's connections
+    logging in (a bcrypt check each, unless the server remembers the password), measured as a
+    run of one serializable read per client. The second of two such runs is what counts: the
+    first login of a password may cost more than the ones every later row makes."""
+    pids = system.pids()
+    for _ in range(2):
+        cpu0 = cpu_seconds(pids)
+        out = subprocess.run(benchmark_base(system, clients) +
+                             ["range", "bench-range-key", "--consistency", "s", "--total", str(clients)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"login run failed on {system.name}:\n{(out.stdout + out.stderr)[-2000:]}")
+        cpu = cpu_seconds(pids) - cpu0
+    return cpu
+
+
+FILLED = {}
+
+
+def fill_keyspace(system):
+    """Writes every key of the big keyspace once (256 clients), the first time a system needs it;
+    records how fast, and the data on disk afterwards."""
+    if system.name in FILLED:
+        return
+    print(f"==> {system.name}: writing {BIG_KEYSPACE} keys", file=sys.stderr)
+    started = time.time()
+    out = subprocess.run(benchmark_base(system, 256) + put_args(BIG_KEYSPACE, BIG_KEYSPACE, sequential=True),
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"filling {system.name} failed:\n{(out.stdout + out.stderr)[-2000:]}")
+    took = time.time() - started
+    time.sleep(5)  # let flushes settle before sizing
+    FILLED[system.name] = {"ops": BIG_KEYSPACE / took, "disk": system.disk_mib(),
+                           "rss": [round(rss_mib(p)) for p in system.pids()]}
 
 
 def seed(system):
@@ -161,19 +235,20 @@ def main():
         for s in systems:
             seed(s)
         results = {}
+        logins = {}
         for rnd in range(ROUNDS):
             order = systems if rnd % 2 == 0 else list(reversed(systems))
+            for c in CLIENTS:
+                for s in order:
+                    logins.setdefault((c, s.name), []).append(login_cpu(s, c))
             for w in WORKLOADS:
                 for c in CLIENTS:
                     for s in order:
                         print(f"==> round {rnd + 1}/{ROUNDS}: {s.name} {w} {c} clients", file=sys.stderr)
                         results.setdefault((w, c, s.name), []).append(run_benchmark(s, w, c))
         rss = {s.name: [round(rss_mib(p)) for p in s.pids()] for s in systems}
-        sizes = {}
-        for s in systems:
-            d = s.dir if s.name == "raftkv" else work
-            sizes[s.name] = du_mib(d, s.name)
-        report(results, systems, rss, sizes)
+        sizes = {s.name: s.disk_mib() for s in systems}
+        report(results, systems, rss, sizes, logins)
     finally:
         stop_all(systems, work)
 
@@ -204,29 +279,49 @@ def median(rs, key):
     return statistics.median(r[key] for r in rs)
 
 
-def report(results, systems, rss, sizes):
+def report(results, systems, rss, sizes, logins):
     names = [s.name for s in systems]
     others = [n for n in names if n != "raftkv"]
     lines = [f"etcd's benchmark tool, {TOTAL} requests per row, {VALUE_SIZE}-byte values, 3 members per system on "
-             f"loopback, auth on (password login), median of {ROUNDS} rounds; CPU is the members' utime+stime.", ""]
-    head = "| workload | clients | " + " | ".join(f"{n} ops/s | {n} p50/p99/p99.9 ms | {n} CPU s/1k ops" for n in names)
-    head += "".join(f" | raftkv/{o} ops/s | raftkv/{o} CPU/op" for o in others) + " |"
-    lines += [head, "|" + "---|" * (2 + 3 * len(names) + 2 * len(others))]
+             f"loopback, auth on (password login), median of {ROUNDS} rounds; CPU is the members' utime+stime "
+             "per 1 000 operations, first as measured (each row starts with every connection logging in: "
+             f"{', '.join(str(min(c, 100)) for c in CLIENTS)} logins), then without those logins (a run of one "
+             "read per client, measured separately, subtracted).", ""]
+    head = "| workload | clients | " + " | ".join(
+        f"{n} ops/s | {n} p50/p99/p99.9 ms | {n} CPU s/1k ops | {n} CPU excl. logins" for n in names)
+    head += "".join(f" | raftkv/{o} ops/s | raftkv/{o} CPU/op | raftkv/{o} CPU/op excl. logins" for o in others) + " |"
+    lines += [head, "|" + "---|" * (2 + 4 * len(names) + 3 * len(others))]
+
+    def net(rs, n, c):
+        login = statistics.median(logins[(c, n)])
+        return statistics.median(max(r["cpu"] - login, 0) / max(r["done"], 1) * 1000 for r in rs)
+
     for w in WORKLOADS:
         for c in CLIENTS:
             row = f"| {w} | {c} |"
             med = {n: results[(w, c, n)] for n in names}
             for n in names:
                 row += (f" {median(med[n], 'ops'):.0f} | {median(med[n], 'p50'):.1f}/{median(med[n], 'p99'):.1f}/"
-                        f"{median(med[n], 'p999'):.1f} | {median(med[n], 'cpu_per_1k'):.3f} |")
+                        f"{median(med[n], 'p999'):.1f} | {median(med[n], 'cpu_per_1k'):.3f} | {net(med[n], n, c):.3f} |")
             for o in others:
                 if "raftkv" in med:
+                    net_o = net(med[o], o, c)
                     row += (f" {median(med['raftkv'], 'ops') / median(med[o], 'ops'):.2f} |"
-                            f" {median(med['raftkv'], 'cpu_per_1k') / median(med[o], 'cpu_per_1k'):.2f} |")
+                            f" {median(med['raftkv'], 'cpu_per_1k') / median(med[o], 'cpu_per_1k'):.2f} |"
+                            f" {net(med['raftkv'], 'raftkv', c) / net_o if net_o else float('nan'):.2f} |")
             lines.append(row)
+    lines += ["", "CPU of the logins alone (s, median): " + "; ".join(
+        f"{n} {c} clients {statistics.median(logins[(c, n)]):.2f}" for n in names for c in CLIENTS)]
     lines += ["", "Resident memory per member after the run (MiB): " +
               "; ".join(f"{n} {rss[n]}" for n in names),
               "Data on disk after the run (MiB): " + "; ".join(f"{n} {sizes[n]}" for n in names)]
+    if FILLED:
+        lines += ["", f"Writing the {BIG_KEYSPACE} keys of the put-1m row once ({VALUE_SIZE}-byte values, 256 clients): " +
+                  "; ".join(f"{n} {f['ops']:.0f} puts/s, {f['disk']} MiB on disk after, RSS {f['rss']} MiB"
+                            for n, f in FILLED.items())]
+    if "watch" in WORKLOADS:
+        lines += ["", "The watch row counts events delivered per second (1000 watchers on 10 keys, 100 per key); "
+                  "its CPU is per 1k events."]
     text = "\n".join(lines)
     print(text)
     if OUT:
