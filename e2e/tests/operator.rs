@@ -156,20 +156,27 @@ impl Env {
         self.events_about("KVCluster")
     }
 
-    /// (reason, note) of the events about objects of one kind, oldest first.
+    /// (reason, note) of the events about objects of one kind, oldest first: by their
+    /// microsecond event time, since steps of one reconcile after another often share the
+    /// second that `creationTimestamp` resolves to.
     fn events_about(&self, kind: &str) -> Vec<(String, String)> {
-        let ev = self.cp.json(&[
-            "get",
-            "events.events.k8s.io",
-            "-n",
-            NS,
-            "--sort-by=.metadata.creationTimestamp",
-        ]);
-        ev["items"]
+        let ev = self.cp.json(&["get", "events.events.k8s.io", "-n", NS]);
+        let mut items: Vec<&Value> = ev["items"]
             .as_array()
             .into_iter()
             .flatten()
             .filter(|e| e["regarding"]["kind"] == kind)
+            .collect();
+        // RFC 3339 with a fixed-width fraction: text order is time order.
+        items.sort_by_key(|e| {
+            e["eventTime"]
+                .as_str()
+                .or_else(|| e["metadata"]["creationTimestamp"].as_str())
+                .unwrap_or_default()
+                .to_string()
+        });
+        items
+            .into_iter()
             .map(|e| {
                 (
                     e["reason"].as_str().unwrap_or_default().to_string(),

@@ -354,7 +354,6 @@ impl Consensus {
             .map_err(|e| e.to_string())
     }
 
-    /// How many times this node has seen the leader change since it started.
     /// Read indexes confirmed as leader so far: (with a quorum round, from a follower's
     /// acknowledgement).
     pub fn read_indexes(&self) -> (u64, u64) {
@@ -365,6 +364,7 @@ impl Consensus {
         )
     }
 
+    /// How many times this node has seen the leader change since it started.
     pub fn leader_changes(&self) -> u64 {
         self.inner
             .leader_changes
